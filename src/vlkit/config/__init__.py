@@ -1,0 +1,36 @@
+"""Config: one tree of dataclasses (OmegaConf structured configs), YAML presets, ``key=value`` overrides."""
+
+from vlkit.config.load import ConfigError, finalize, list_presets, load_config, to_dict, to_yaml
+from vlkit.config.schema import (
+    Config,
+    DataConfig,
+    LLMConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TextConfig,
+    TrainerConfig,
+    TransformerConfig,
+    VisionConfig,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LLMConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "ScheduleConfig",
+    "TextConfig",
+    "TrainerConfig",
+    "TransformerConfig",
+    "VisionConfig",
+    "finalize",
+    "list_presets",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+]

@@ -1,0 +1,225 @@
+"""The configuration tree: plain dataclasses turned into OmegaConf structured configs.
+
+Field names follow the specification documents (NeMo's keys) wherever those exist, so a YAML block copied from
+them loads as is. Keys the documents use that have a PyTorch-native home elsewhere in this tree (for example
+``model.tensor_model_parallel_size``) are listed in ``vlkit.config.compat`` and moved there on load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# OpenAI CLIP's normalisation constants: the default for every image tower unless a config says otherwise.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TransformerConfig:
+    """Fields shared by every transformer tower (vision, text, LLM)."""
+
+    num_layers: int = 12
+    hidden_size: int = 768
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    num_attention_heads: int = 12
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    # gelu | quick_gelu | gelu_tanh | relu | swiglu. OpenAI checkpoints use quick_gelu: it belongs to the checkpoint.
+    activation: str = "gelu"
+    normalization: str = "layernorm"  # layernorm | rmsnorm
+    layernorm_epsilon: float = 1e-5
+    bias: bool = True  # biases in the attention and MLP projections
+    encoder_seq_length: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    output_dim: Optional[int] = None  # projection to the shared embedding space; None: no projection
+    # Activation checkpointing with the documents' semantics; applied from outside the model by vlkit.parallel.
+    activations_checkpoint_granularity: Optional[str] = None  # None | full | selective
+    activations_checkpoint_method: Optional[str] = None  # block | uniform
+    activations_checkpoint_num_layers: Optional[int] = None
+    # SDPA is always used; True asks the trainer to restrict it to the flash kernel when the device supports it.
+    use_flash_attention: bool = False
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VisionConfig(TransformerConfig):
+    patch_dim: int = 16
+    img_h: int = 224
+    img_w: int = 224
+    image_mean: Optional[list[float]] = None  # None: OpenAI CLIP's values
+    image_std: Optional[list[float]] = None
+    num_channels: int = 3
+    drop_patch_rate: float = 0.0
+    global_average_pool: bool = False
+    class_token_length: int = 1
+    pre_norm: bool = True  # a LayerNorm after the embeddings (CLIP's ln_pre); classic ViT classifiers have none
+    patch_bias: bool = False  # bias on the patch-embedding convolution (CLIP: none; timm/NeMo ViT: yes)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.img_h // self.patch_dim, self.img_w // self.patch_dim
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.image_mean) if self.image_mean is not None else OPENAI_CLIP_MEAN
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.image_std) if self.image_std is not None else OPENAI_CLIP_STD
+
+
+@dataclass
+class TextConfig(TransformerConfig):
+    num_layers: int = 12
+    hidden_size: int = 512
+    num_attention_heads: int = 8
+    encoder_seq_length: Optional[int] = 77  # the context length
+    vocab_size: int = 49408
+    pooling: str = "eot"  # eot (OpenAI CLIP and every public checkpoint) | first
+    eot_token_id: int = 49407
+    pad_token_id: int = 0
+    causal: bool = True
+    tokenizer: str = "clip"
+
+
+@dataclass
+class LLMConfig(TransformerConfig):
+    """LLaMA-architecture decoder (NeVA). Filled in by the NeVA issue; the keys already load."""
+
+    activation: str = "swiglu"
+    normalization: str = "rmsnorm"
+    bias: bool = False
+    num_query_groups: Optional[int] = None  # grouped-query attention; None: as many as heads
+    vocab_size: int = 32000
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[dict[str, Any]] = None
+    share_embeddings_and_output_weights: bool = False
+    from_pretrained: Optional[str] = None
+    freeze: bool = False
+    model_type: str = "llama_2"
+    position_embedding_type: str = "rope"
+    ffn_dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "clip"  # clip | vit_classifier | neva
+    output_dim: int = 512
+    # Contrastive loss wiring (CLIP); the semantics are open_clip's.
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    loss_impl: str = "auto"  # auto | naive | tiled | fused | ring
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_scale_max: float = math.log(100.0)
+    # Classification head (vit_classifier).
+    vision_pretraining_type: str = "classify"
+    num_classes: int = 1000
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: Optional[TextConfig] = None
+    llm: Optional[LLMConfig] = None
+    mm_cfg: Optional[dict[str, Any]] = None  # NeVA's multimodal block; given a schema by the NeVA issue
+
+
+@dataclass
+class DataConfig:
+    # synthetic_shapes | webdataset | csv | imagefolder | llava
+    kind: str = "synthetic_shapes"
+    train_path: Optional[str] = None
+    val_path: Optional[str] = None
+    dataset_size: Optional[int] = None  # samples per epoch for shard datasets without sizes.json
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    image_key: str = "jpg;jpeg;png;webp"
+    text_key: str = "txt"
+
+
+@dataclass
+class OptimConfig:
+    # adamw | adam | sgd. "distributed_fused_adam" (NeMo) is accepted and means adamw with FSDP-sharded state.
+    name: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    momentum: float = 0.9
+    fused: Optional[bool] = None  # None: fused kernels when the device supports them
+    decay_norm_and_bias: bool = False  # biases, norms, embeddings' gains and logit_scale are never decayed by default
+    layer_decay: Optional[float] = None  # layer-wise lr decay for fine-tuning
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    max_steps: Optional[int] = None  # None: trainer.max_steps
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <trainer.output_dir>/checkpoints
+    every_n_steps: int = 0  # 0: only at the end
+    keep_last: int = 2
+    resume: Optional[str] = None  # a checkpoint directory, or "auto" for the latest under dir
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    jsonl: bool = True
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class TrainerConfig:
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (NeMo's 32, 16, bf16, bf16-mixed, 16-mixed are accepted)
+    amp_O2: bool = False  # bf16 parameters with fp32 master weights and reductions (NeMo's megatron_amp_O2)
+    max_steps: int = 1000
+    max_epochs: Optional[int] = None
+    micro_batch_size: int = 32  # per process
+    global_batch_size: Optional[int] = None  # None: micro_batch_size * data-parallel size (no accumulation)
+    gradient_clip_val: Optional[float] = None
+    gradient_cache: bool = False
+    val_check_interval: int = 0
+    seed: int = 0
+    devices: Any = "auto"
+    num_nodes: int = 1
+    accelerator: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs/${name}"
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class ParallelConfig:
+    data_parallel: str = "auto"  # auto | none | ddp | fsdp
+    tensor_parallel_size: int = 1
+    fsdp_reshard_after_forward: bool = True
+    compile: bool = False  # torch.compile per transformer block
+
+
+@dataclass
+class Config:
+    name: str = "vlkit"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -1,0 +1,179 @@
+"""Checks of a resolved config. Each problem names the keys involved; all problems are reported at once."""
+
+from __future__ import annotations
+
+from vlkit.config.schema import Config, LLMConfig, TextConfig, TransformerConfig, VisionConfig
+
+ARCHS = ("clip", "vit_classifier", "neva")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+LOSS_IMPLS = ("auto", "naive", "tiled", "fused", "ring")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_PARALLEL = ("auto", "none", "ddp", "fsdp")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+DATA_KINDS = ("synthetic_shapes", "webdataset", "csv", "imagefolder", "llava")
+
+
+def _choice(problems: list[str], key: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        problems.append(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(problems: list[str], key: str, value: object) -> None:
+    if value is None or not isinstance(value, (int, float)) or value <= 0:
+        problems.append(f"{key}={value!r} must be positive")
+
+
+def _rate(problems: list[str], key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        problems.append(f"{key}={value} must be in [0, 1)")
+
+
+def _check_tower(p: list[str], prefix: str, t: TransformerConfig, tp: int) -> None:
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        _positive(p, f"{prefix}.{name}", getattr(t, name))
+    if t.ffn_hidden_size is not None:
+        _positive(p, f"{prefix}.ffn_hidden_size", t.ffn_hidden_size)
+    if t.output_dim is not None:
+        _positive(p, f"{prefix}.output_dim", t.output_dim)
+    for name in ("hidden_dropout", "attention_dropout", "drop_path_rate"):
+        _rate(p, f"{prefix}.{name}", getattr(t, name))
+    _choice(p, f"{prefix}.activation", t.activation, ACTIVATIONS)
+    _choice(p, f"{prefix}.normalization", t.normalization, NORMS)
+    heads, hidden = t.num_attention_heads, t.hidden_size
+    if heads > 0 and hidden > 0 and hidden % heads:
+        p.append(f"{prefix}.hidden_size={hidden} is not divisible by {prefix}.num_attention_heads={heads}")
+    kv_heads = getattr(t, "num_query_groups", None)
+    if heads > 0 and kv_heads is not None and (kv_heads <= 0 or heads % kv_heads):
+        p.append(f"{prefix}.num_attention_heads={heads} is not divisible by {prefix}.num_query_groups={kv_heads}")
+    if tp > 1:
+        counts = [(f"{prefix}.num_attention_heads", heads)]
+        if kv_heads is not None:
+            counts.append((f"{prefix}.num_query_groups", kv_heads))
+        for key, n in counts:
+            if n > 0 and n % tp:
+                p.append(f"parallel.tensor_parallel_size={tp} does not divide {key}={n}")
+        if t.ffn_size % tp:
+            p.append(f"parallel.tensor_parallel_size={tp} does not divide {prefix}.ffn_hidden_size={t.ffn_size}")
+    g = t.activations_checkpoint_granularity
+    if g is not None:
+        _choice(p, f"{prefix}.activations_checkpoint_granularity", g, ("full", "selective"))
+        method = t.activations_checkpoint_method
+        if method is not None:
+            _choice(p, f"{prefix}.activations_checkpoint_method", method, ("block", "uniform"))
+        n = t.activations_checkpoint_num_layers
+        if n is not None and not 0 < n <= max(t.num_layers, 1):
+            p.append(f"{prefix}.activations_checkpoint_num_layers={n} must be in 1..{prefix}.num_layers={t.num_layers}")
+        if g == "full" and method is None:
+            p.append(f"{prefix}.activations_checkpoint_granularity=full needs {prefix}.activations_checkpoint_method")
+
+
+def _check_vision(p: list[str], v: VisionConfig, tp: int) -> None:
+    _check_tower(p, "model.vision", v, tp)
+    for name in ("patch_dim", "img_h", "img_w", "num_channels"):
+        _positive(p, f"model.vision.{name}", getattr(v, name))
+    if v.patch_dim > 0:
+        for side in ("img_h", "img_w"):
+            size = getattr(v, side)
+            if size > 0 and size % v.patch_dim:
+                p.append(f"model.vision.{side}={size} is not divisible by model.vision.patch_dim={v.patch_dim}")
+    if v.class_token_length < 0:
+        p.append(f"model.vision.class_token_length={v.class_token_length} must be >= 0")
+    if v.class_token_length == 0 and not v.global_average_pool:
+        p.append("model.vision.class_token_length=0 needs model.vision.global_average_pool=True (nothing to pool)")
+    _rate(p, "model.vision.drop_patch_rate", v.drop_patch_rate)
+    for key, val in (("image_mean", v.image_mean), ("image_std", v.image_std)):
+        if val is not None and len(val) != v.num_channels:
+            p.append(f"model.vision.{key} has {len(val)} values for model.vision.num_channels={v.num_channels}")
+    if v.image_std is not None and any(s <= 0 for s in v.image_std):
+        p.append(f"model.vision.image_std={list(v.image_std)} must be positive")
+    if v.encoder_seq_length is not None and v.patch_dim > 0 and v.encoder_seq_length != v.num_patches:
+        p.append(
+            f"model.vision.encoder_seq_length={v.encoder_seq_length} does not match the patch grid of "
+            f"img_h={v.img_h} x img_w={v.img_w} / patch_dim={v.patch_dim} ({v.num_patches} patches); "
+            "set it to null to derive it"
+        )
+
+
+def _check_text(p: list[str], t: TextConfig, tp: int) -> None:
+    _check_tower(p, "model.text", t, tp)
+    _positive(p, "model.text.vocab_size", t.vocab_size)
+    _positive(p, "model.text.encoder_seq_length", t.encoder_seq_length)
+    _choice(p, "model.text.pooling", t.pooling, ("eot", "first"))
+    if t.vocab_size > 0 and not 0 <= t.eot_token_id < t.vocab_size:
+        p.append(f"model.text.eot_token_id={t.eot_token_id} is outside model.text.vocab_size={t.vocab_size}")
+
+
+def _check_llm(p: list[str], t: LLMConfig, tp: int) -> None:
+    _check_tower(p, "model.llm", t, tp)
+    _positive(p, "model.llm.vocab_size", t.vocab_size)
+    if t.hidden_size > 0 and t.num_attention_heads > 0 and t.head_dim % 2:
+        p.append(f"model.llm head dim {t.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem of a resolved config, each naming its keys. Empty when the config is usable."""
+    p: list[str] = []
+    m, tr, par = cfg.model, cfg.trainer, cfg.parallel
+    tp = par.tensor_parallel_size
+    _positive(p, "parallel.tensor_parallel_size", tp)
+    tp = tp if isinstance(tp, int) and tp > 0 else 1
+    _choice(p, "model.arch", m.arch, ARCHS)
+    _choice(p, "model.loss_impl", m.loss_impl, LOSS_IMPLS)
+    _positive(p, "model.output_dim", m.output_dim)
+    _check_vision(p, m.vision, tp)
+    if m.arch == "clip":
+        if m.text is None:
+            p.append("model.arch=clip needs a model.text section")
+        else:
+            _check_text(p, m.text, tp)
+            if m.text.output_dim != m.vision.output_dim:
+                p.append(
+                    f"model.vision.output_dim={m.vision.output_dim} and model.text.output_dim={m.text.output_dim} "
+                    "must be equal (one embedding space)"
+                )
+        if m.logit_scale_init > m.logit_scale_max:
+            p.append(f"model.logit_scale_init={m.logit_scale_init} exceeds model.logit_scale_max={m.logit_scale_max}")
+    if m.arch == "vit_classifier":
+        _positive(p, "model.num_classes", m.num_classes)
+        _choice(p, "model.vision_pretraining_type", m.vision_pretraining_type, ("classify",))
+    if m.arch == "neva" and m.llm is None:
+        p.append("model.arch=neva needs a model.llm section")
+    if m.llm is not None:
+        _check_llm(p, m.llm, tp)
+
+    _choice(p, "trainer.precision", tr.precision, PRECISIONS)
+    if tr.amp_O2 and tr.precision == "fp32":
+        p.append("trainer.amp_O2=True (model.megatron_amp_O2) needs trainer.precision=bf16 or fp16")
+    _positive(p, "trainer.micro_batch_size", tr.micro_batch_size)
+    _positive(p, "trainer.max_steps", tr.max_steps)
+    if tr.global_batch_size is not None:
+        _positive(p, "trainer.global_batch_size", tr.global_batch_size)
+        if tr.micro_batch_size > 0 and tr.global_batch_size % tr.micro_batch_size:
+            p.append(
+                f"trainer.global_batch_size={tr.global_batch_size} is not a multiple of "
+                f"trainer.micro_batch_size={tr.micro_batch_size}"
+            )
+    if tr.gradient_clip_val is not None and tr.gradient_clip_val <= 0:
+        p.append(f"trainer.gradient_clip_val={tr.gradient_clip_val} must be positive (or null to disable)")
+    _positive(p, "trainer.num_nodes", tr.num_nodes)
+    _choice(p, "trainer.accelerator", tr.accelerator, ("auto", "cpu", "cuda"))
+    _choice(p, "parallel.data_parallel", par.data_parallel, DATA_PARALLEL)
+
+    o = cfg.optim
+    _choice(p, "optim.name", o.name, OPTIMIZERS)
+    _positive(p, "optim.lr", o.lr)
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
+        p.append(f"optim.layer_decay={o.layer_decay} must be in (0, 1]")
+    _choice(p, "schedule.name", cfg.schedule.name, SCHEDULES)
+    if cfg.schedule.warmup_steps < 0:
+        p.append(f"schedule.warmup_steps={cfg.schedule.warmup_steps} must be >= 0")
+    _choice(p, "data.kind", cfg.data.kind, DATA_KINDS)
+    if cfg.data.num_workers < 0:
+        p.append(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    return p
