@@ -1,6 +1,6 @@
 """Config: one tree of dataclasses (OmegaConf structured configs), YAML presets, ``key=value`` overrides."""
 
-from vlkit.config.load import ConfigError, finalize, list_presets, load_config, to_dict, to_yaml
+from vlkit.config.load import ConfigError, apply_overrides, finalize, list_presets, load_config, to_dict, to_yaml
 from vlkit.config.schema import (
     Config,
     DataConfig,
@@ -28,6 +28,7 @@ __all__ = [
     "TrainerConfig",
     "TransformerConfig",
     "VisionConfig",
+    "apply_overrides",
     "finalize",
     "list_presets",
     "load_config",

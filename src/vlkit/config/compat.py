@@ -41,12 +41,16 @@ FIXED_KEYS: dict[str, Any] = {
 # Which tower receives NeMo's flat ``model.<field>`` keys, per architecture.
 FLAT_TOWER = {"vit_classifier": "vision", "neva": "llm"}
 
-_TOWER_FIELDS = {f.name for f in fields(VisionConfig)} | {f.name for f in fields(TransformerConfig)} | {
-    "position_embedding_type",
-    "ffn_dropout",
-    "num_query_groups",
-    "rotary_base",
-}
+_TOWER_FIELDS = (
+    {f.name for f in fields(VisionConfig)}
+    | {f.name for f in fields(TransformerConfig)}
+    | {
+        "position_embedding_type",
+        "ffn_dropout",
+        "num_query_groups",
+        "rotary_base",
+    }
+)
 _MODEL_FIELDS = {f.name for f in fields(Config().model.__class__)}
 
 PRECISION_ALIASES = {
@@ -81,7 +85,13 @@ def translate_path(path: str, arch: str) -> str | None:
     path = _move(path)
     parts = path.split(".")
     tower = FLAT_TOWER.get(arch)
-    if tower and len(parts) >= 2 and parts[0] == "model" and parts[1] in _TOWER_FIELDS and parts[1] not in _MODEL_FIELDS:
+    if (
+        tower
+        and len(parts) >= 2
+        and parts[0] == "model"
+        and parts[1] in _TOWER_FIELDS
+        and parts[1] not in _MODEL_FIELDS
+    ):
         return ".".join(["model", tower, *parts[1:]])
     return path
 

@@ -39,7 +39,9 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, str]:
         if not preset.is_file():
             close = difflib.get_close_matches(str(name_or_path), list_presets(), n=3, cutoff=0.5)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown preset or config file {name_or_path!r}{hint}; presets: {', '.join(list_presets())}")
+            raise ConfigError(
+                f"unknown preset or config file {name_or_path!r}{hint}; presets: {', '.join(list_presets())}"
+            )
         text, where = preset.read_text(), f"preset {name_or_path}"
     try:
         tree = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
@@ -106,7 +108,7 @@ def _parse_overrides(overrides: list[str] | dict | None) -> dict:
     if not overrides:
         return {}
     if isinstance(overrides, dict):
-        return OmegaConf.to_container(OmegaConf.create({}), resolve=False) | _nest(overrides)
+        return _nest(overrides)
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key=value")
@@ -133,7 +135,11 @@ def _load_tree(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> tuple[Di
         cfg, errors = _load_tree(base_name, (*seen, str(name_or_path)))
     else:
         cfg, errors = OmegaConf.structured(Config), []
-    arch = str(tree.get("model", {}).get("arch", cfg.model.arch)) if isinstance(tree.get("model"), dict) else cfg.model.arch
+    arch = (
+        str(tree.get("model", {}).get("arch", cfg.model.arch))
+        if isinstance(tree.get("model"), dict)
+        else cfg.model.arch
+    )
     translated, errs = _translate(tree, arch, where)
     errors += errs
     cfg = _merge(cfg, translated, where, errors)
@@ -156,6 +162,19 @@ def load_config(name_or_path: str | Path, overrides: list[str] | dict | None = N
     Returns the typed :class:`~vlkit.config.schema.Config`. Raises :class:`ConfigError` naming every bad key.
     """
     cfg, errors = _load_tree(name_or_path)
+    return apply_overrides(cfg, overrides, errors)
+
+
+def apply_overrides(
+    cfg: Config | DictConfig, overrides: list[str] | dict | None, errors: list[str] | None = None
+) -> Config:
+    """Merge ``key=value`` strings or a {dotted key: value} dict into a config, then finalize it.
+
+    ``errors`` carries problems already found (for example in the preset) so that all are reported together.
+    """
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    errors = list(errors or [])
     translated, errs = _translate(_parse_overrides(overrides), cfg.model.arch, "override")
     errors += errs
     cfg = _merge(cfg, translated, "override", errors)

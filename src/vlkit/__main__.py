@@ -1,0 +1,5 @@
+import sys
+
+from vlkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""``vlkit info``: what a config resolves to and what it costs (parameters, FLOPs per sample)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from vlkit.config import load_config, to_dict
+from vlkit.models import create_model
+from vlkit.utils.flops import count_parameters, tower_flops
+
+
+def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Resolved config, parameter counts per tower and traced FLOPs per sample, as one JSON-ready dict."""
+    cfg = load_config(name_or_path, overrides or [])
+    model = create_model(cfg, device="meta")
+    params = {}
+    towers = {"vision": getattr(model, "visual", None) or getattr(model, "backbone", None)}
+    if hasattr(model, "text"):
+        towers["text"] = model.text
+    for name, module in towers.items():
+        params[name] = count_parameters(module)
+    if hasattr(model, "head"):
+        params["head"] = count_parameters(model.head)
+    params["total"] = count_parameters(model)
+    flops = {k: {"forward": v.forward, "train": v.forward_backward} for k, v in tower_flops(model).items()}
+    flops["total"] = {kind: sum(f[kind] for f in flops.values()) for kind in ("forward", "train")}
+    vision = cfg.model.vision
+    seq = {"vision": vision.class_token_length + vision.num_patches}
+    if cfg.model.text is not None and cfg.model.arch == "clip":
+        seq["text"] = cfg.model.text.encoder_seq_length
+    return {
+        "name": cfg.name,
+        "arch": cfg.model.arch,
+        "parameters": params,
+        "flops_per_sample": flops,
+        "sequence_length": seq,
+        "config": to_dict(cfg),
+    }
+
+
+def format_report(report: dict, show_config: bool = True) -> str:
+    lines = []
+    if show_config:
+        lines += ["# resolved config", OmegaConf.to_yaml(report["config"]).rstrip(), ""]
+    lines.append(f"# {report['name']} ({report['arch']})")
+    lines.append(f"{'':<10}{'parameters':>16}{'':>4}{'GFLOPs/sample fwd':>20}{'fwd+bwd':>12}{'seq len':>10}")
+    flops, seq = report["flops_per_sample"], report["sequence_length"]
+    flop_key = {"vision": "image", "text": "text", "total": "total"}
+    for tower, n in report["parameters"].items():
+        f = flops.get(flop_key.get(tower, ""), {})
+        fwd = f"{f['forward'] / 1e9:.2f}" if f else ""
+        train = f"{f['train'] / 1e9:.2f}" if f else ""
+        lines.append(f"{tower:<10}{n:>16,}{n / 1e6:>9.2f} M{fwd:>15}{train:>12}{seq.get(tower, ''):>10}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Small helpers used across layers (imports only torch and the config)."""

@@ -1,0 +1,61 @@
+"""Parameter and FLOP counts of the model at hand, measured by tracing rather than by formula.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the meta device, so even a 5B-parameter model is
+counted in a second without allocating weights. A multiply-add counts as two FLOPs (the counter's convention,
+and the one the peers' MFU numbers in BENCHMARKS.md use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+@dataclass
+class FlopCount:
+    forward: int
+    forward_backward: int
+
+
+def _measure(fn) -> FlopCount:
+    with FlopCounterMode(display=False) as fc:
+        out = fn()
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        out = fn()
+        out.float().sum().backward()
+    return FlopCount(fwd, fc.get_total_flops())
+
+
+def tower_flops(model: nn.Module) -> dict[str, FlopCount]:
+    """FLOPs for one sample through each tower of a vlkit model, traced on the meta device.
+
+    Keys: ``image`` (CLIP image tower or classifier) and ``text`` (CLIP text tower at full context length).
+    The model must live on the meta device or be cheap enough to run once at batch size 1.
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    vision = cfg.vision
+    pixels = torch.zeros(1, vision.num_channels, vision.img_h, vision.img_w, device=device)
+    counts = {}
+    if hasattr(model, "encode_image"):
+        counts["image"] = _measure(lambda: model.encode_image(pixels))
+        ids = torch.zeros(1, cfg.text.encoder_seq_length, dtype=torch.long, device=device)
+        counts["text"] = _measure(lambda: model.encode_text(ids))
+    else:
+        counts["image"] = _measure(lambda: model(pixels))
+    return counts
