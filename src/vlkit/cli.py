@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_planned(sub: argparse._SubParsersAction, name: str) -> None:
     help_text, issue = PLANNED[name]
     p = sub.add_parser(name, help=f"{help_text} [not available yet]", description=f"{help_text}. Not available yet.")
-    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=_not_available(name, issue))
+    p.set_defaults(func=_not_available(name, issue), planned=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # A command that has not landed accepts (and ignores) whatever options its future form will take.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "planned", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or EXIT_OK)
     except ConfigError as e:
