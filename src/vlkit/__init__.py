@@ -15,6 +15,8 @@ _EXPORTS = {
     "load_model": "vlkit.interop.native",
     "save_model": "vlkit.interop.native",
     "load_config": "vlkit.config",
+    "get_tokenizer": "vlkit.data.tokenizer",
+    "get_transform": "vlkit.data.transforms",
     "ConfigError": "vlkit.config",
 }
 __all__ = ["__version__", *_EXPORTS]

@@ -22,7 +22,6 @@ PLANNED = {
     "eval": ("evaluate: zeroshot | retrieval | classify", "the Evaluation issue"),
     "convert": ("convert checkpoints from/to Hugging Face and open_clip", "the Interop issue"),
     "chat": ("chat with a NeVA model about an image", "the NeVA issue"),
-    "data": ("dataset tools: shapes (synthetic dataset) | check", "the Data pipeline issue"),
     "demo": ("the main job: synthetic data, train a small CLIP on the CPU, evaluate, report", "the Evaluation issue"),
 }
 
@@ -61,21 +60,39 @@ def _run_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: loss | train", description="Benchmarks, peers side by side.")
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{loss,train}", required=True)
-    try:
-        loss = importlib.import_module("vlkit.bench.loss")
-    except ImportError:
-        loss = None
-    lp = bench_sub.add_parser("loss", help="contrastive loss: time and memory of every implementation and the peers")
-    if loss is not None:
-        loss.add_arguments(lp)
-        lp.set_defaults(func=loss.run)
-    else:
-        lp.set_defaults(func=_not_available("bench loss", "the Contrastive loss engine issue"))
-    tp = bench_sub.add_parser("train", help="training throughput and MFU against the peers")
-    tp.set_defaults(func=_not_available("bench train", "the Trainer issue"))
+# Sub-commands that live in their own modules. Each module exposes ``register(subparsers)``, which adds its parser(s)
+# and sets ``func``; a module that has not landed yet is simply absent.
+DATA_COMMANDS = ("vlkit.data.shapes", "vlkit.data.check", "vlkit.data.write")
+BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.tokenizer", "vlkit.bench.data")
+
+
+def _register_modules(sub: argparse._SubParsersAction, modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # not built yet
+            raise
+        if hasattr(module, "register"):
+            module.register(sub)
+        else:  # a module with one command: add_arguments + run
+            p = sub.add_parser(name.rsplit(".", 1)[1], help=(module.__doc__ or "").strip().splitlines()[0])
+            module.add_arguments(p)
+            p.set_defaults(func=module.run)
+
+
+def _add_group(
+    sub: argparse._SubParsersAction, name: str, help_text: str, modules: Sequence[str], planned: dict[str, str]
+) -> None:
+    """A command with sub-commands; ``planned`` maps sub-commands that have not landed to the issue delivering them."""
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    group = p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)
+    _register_modules(group, modules)
+    for child, issue in planned.items():
+        if child not in group.choices:
+            cp = group.add_parser(child, help="[not available yet]")
+            cp.set_defaults(func=_not_available(f"{name} {child}", issue), planned=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
-    for name in ("train", "eval", "convert", "chat", "data"):
+    for name in ("train", "eval", "convert", "chat"):
         _add_planned(sub, name)
-    _add_bench(sub)
+    data_issue, loss_issue = "the Data pipeline issue", "the Contrastive loss engine issue"
+    _add_group(
+        sub,
+        "data",
+        "dataset tools: the synthetic shapes dataset, checking shards, writing shards",
+        DATA_COMMANDS,
+        {"shapes": data_issue, "check": data_issue, "from-folder": data_issue, "from-csv": data_issue},
+    )
+    _add_group(
+        sub,
+        "bench",
+        "benchmarks: our figure and the peers' side by side, in one run",
+        BENCH_COMMANDS,
+        {"loss": loss_issue, "train": "the Trainer issue", "data": data_issue, "tokenizer": data_issue},
+    )
     _add_planned(sub, "demo")
     return parser
 
