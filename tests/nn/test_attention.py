@@ -10,13 +10,21 @@ def reference_attention(attn: Attention, x, key_padding_mask=None, causal=False)
     """Explicit softmax(QK^T / sqrt(d)) V in float64 from the module's own weights."""
     x = x.double()
     w, b = attn.qkv.weight.double(), attn.qkv.bias.double() if attn.qkv.bias is not None else None
-    qkv = torch.nn.functional.linear(x, w, b)
     h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    rep = h // kvh
+    # Rows are grouped per key/value head: [q of the group's rep heads, k, v] for each group.
+    groups = w.view(kvh, rep + 2, d, -1)
+    bias = b.view(kvh, rep + 2, d)
+    wq, wk, wv = groups[:, :rep].reshape(h * d, -1), groups[:, rep], groups[:, rep + 1]
+    bq, bk, bv = bias[:, :rep].reshape(h * d), bias[:, rep].reshape(-1), bias[:, rep + 1].reshape(-1)
+    q = torch.nn.functional.linear(x, wq, bq)
+    k = torch.nn.functional.linear(x, wk.reshape(kvh * d, -1), bk)
+    v = torch.nn.functional.linear(x, wv.reshape(kvh * d, -1), bv)
     bsz, t, _ = x.shape
     q = q.view(bsz, t, h, d).transpose(1, 2)
-    k = k.view(bsz, t, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, dim=1)
-    v = v.view(bsz, t, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, dim=1)
+    # Query head i reads key/value head i // rep.
+    k = k.view(bsz, t, kvh, d).transpose(1, 2).repeat_interleave(rep, dim=1)
+    v = v.view(bsz, t, kvh, d).transpose(1, 2).repeat_interleave(rep, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     allowed = torch.ones(bsz, 1, t, t, dtype=torch.bool)
     if key_padding_mask is not None:
@@ -65,6 +73,19 @@ def test_causal_future_tokens_do_not_influence_past():
     x2 = x.clone()
     x2[:, 3:] += 5.0
     torch.testing.assert_close(attn(x, is_causal=True)[:, :3], attn(x2, is_causal=True)[:, :3])
+
+
+def test_column_shards_of_the_fused_weight_are_whole_head_groups():
+    """Running the module on a contiguous half of the QKV rows gives exactly half of the heads (tensor parallel)."""
+    torch.manual_seed(3)
+    attn = Attention(32, 4, num_kv_heads=2, bias=False)
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn.split_qkv(attn.qkv(x))
+    half = attn.qkv.weight.shape[0] // 2
+    q0, k0, v0 = attn.split_qkv(torch.nn.functional.linear(x, attn.qkv.weight[:half]))
+    torch.testing.assert_close(q0, q[:, :2])
+    torch.testing.assert_close(k0, k[:, :1])
+    torch.testing.assert_close(v0, v[:, :1])
 
 
 def test_bad_head_counts_raise():

@@ -29,6 +29,12 @@ def build_attn_mask(
 class Attention(nn.Module):
     """Self-attention with one fused QKV projection, optional grouped-query heads and rotary embeddings.
 
+    The fused weight is laid out per key/value group, as Megatron does: for each group g the rows are
+    ``[q heads of g (rep * head_dim), k_g (head_dim), v_g (head_dim)]`` with rep = heads / kv_heads. Sharding those
+    rows contiguously (tensor parallel, column-wise) therefore hands each rank whole groups, and the forward pass
+    reads its local head count off the tensor it receives, so the same module runs sharded or not. Converters
+    permute checkpoints that store ``[Q; K; V]`` (open_clip's ``in_proj``, Hugging Face's q/k/v) into this layout.
+
     Args:
         dim: model width.
         num_heads: query heads.
@@ -55,10 +61,21 @@ class Attention(nn.Module):
         if num_heads % self.num_kv_heads:
             raise ValueError(f"{num_heads} heads are not divisible by {self.num_kv_heads} key/value heads")
         self.head_dim = dim // num_heads
+        self.group_size = num_heads // self.num_kv_heads  # query heads per key/value head
         self.qkv = nn.Linear(dim, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(num_heads * self.head_dim, dim, bias=bias)
         self.attn_dropout = attn_dropout
         self.proj_drop = nn.Dropout(proj_dropout)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, groups * (rep + 2) * d] -> q [B, H, T, d], k and v [B, KV, T, d] (H, KV local to this rank)."""
+        b, t, _ = qkv.shape
+        rep, d = self.group_size, self.head_dim
+        qkv = qkv.view(b, t, -1, rep + 2, d)
+        q = qkv[:, :, :, :rep].reshape(b, t, -1, d).transpose(1, 2)
+        k = qkv[:, :, :, rep].transpose(1, 2)
+        v = qkv[:, :, :, rep + 1].transpose(1, 2)
+        return q, k, v
 
     def forward(
         self,
@@ -69,18 +86,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, dim]; key_padding_mask: [B, T] bool, True for real tokens; rope: (cos, sin) of [T, head_dim]."""
         b, t, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.split_qkv(self.qkv(x))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
-        if self.num_kv_heads != self.num_heads:
+        if self.group_size > 1:
             # SDPA's enable_gqa needs torch >= 2.5 and is not supported by every backend; expanding is always right.
-            rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            k = k.repeat_interleave(self.group_size, dim=1)
+            v = v.repeat_interleave(self.group_size, dim=1)
         mask = build_attn_mask(key_padding_mask, is_causal, t, t, x.device)
         out = F.scaled_dot_product_attention(
             q,
@@ -90,5 +102,5 @@ class Attention(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             is_causal=is_causal and mask is None,
         )
-        out = out.transpose(1, 2).reshape(b, t, q_size)
+        out = out.transpose(1, 2).reshape(b, t, -1)
         return self.proj_drop(self.proj(out))
