@@ -128,6 +128,10 @@ def normalize_values(cfg: Config) -> list[str]:
         cfg.parallel.data_parallel = "fsdp"
     if name in OPTIM_ALIASES:
         cfg.optim.name = OPTIM_ALIASES[name]
+    if cfg.parallel.fsdp is not None:
+        cfg.parallel.data_parallel = "fsdp" if cfg.parallel.fsdp else (
+            "ddp" if cfg.parallel.data_parallel == "fsdp" else cfg.parallel.data_parallel
+        )
     sched = cfg.schedule.name.lower()
     if sched in SCHEDULE_ALIASES:
         cfg.schedule.name = SCHEDULE_ALIASES[sched]

@@ -209,6 +209,7 @@ class TrainerConfig:
 @dataclass
 class ParallelConfig:
     data_parallel: str = "auto"  # auto | none | ddp | fsdp
+    fsdp: Optional[bool] = None  # shorthand: true sets data_parallel=fsdp, false turns fsdp into ddp
     tensor_parallel_size: int = 1
     fsdp_reshard_after_forward: bool = True
     compile: bool = False  # torch.compile per transformer block

@@ -25,7 +25,8 @@ class CLIPModel(nn.Module):
         self.config = cfg
         self.visual = VisionTransformer(cfg.vision)
         self.text = TextTransformer(cfg.text)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        # Shape [1], not a scalar: FSDP2 cannot shard 0-d parameters. scale() returns a 0-d tensor.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init)))
 
     def init_weights(self) -> None:
         self.visual.init_weights()
@@ -43,7 +44,7 @@ class CLIPModel(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at exp(logit_scale_max); the gradient stops only above the clamp."""
-        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp().squeeze(0)
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {

@@ -57,7 +57,10 @@ class Transformer(nn.Module):
         rates = [drop_path_rate * i / max(num_layers - 1, 1) for i in range(num_layers)]
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, ffn_dim, drop_path=r, **kw) for r in rates)
         self.width = dim
-        self.grad_checkpointing = False
+        # Activation checkpointing plan, set from outside (vlkit.parallel or set_grad_checkpointing): half-open block
+        # ranges [start, end) recomputed as one unit in backward, and an optional selective-checkpoint context.
+        self.checkpoint_ranges: list[tuple[int, int]] = []
+        self.checkpoint_context_fn = None
 
     def init_weights(self) -> None:
         """OpenAI CLIP's initialisation: QKV ~ N(0, w^-1/2), fc1 ~ N(0, (2w)^-1/2), output projections shrunk with
@@ -75,6 +78,15 @@ class Transformer(nn.Module):
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(self.checkpoint_ranges)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        self.checkpoint_ranges = [(i, i + 1) for i in range(len(self.blocks))] if enable else []
+        self.checkpoint_context_fn = None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -84,12 +96,28 @@ class Transformer(nn.Module):
         return_intermediates: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run every block; with ``return_intermediates`` also return each block's output (before any final norm)."""
-        states = []
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, key_padding_mask, is_causal, rope, use_reentrant=False)
+        states: list[torch.Tensor] = []
+        recompute = self.checkpoint_ranges and self.training and torch.is_grad_enabled()
+        starts = dict(self.checkpoint_ranges) if recompute else {}
+        i = 0
+        while i < len(self.blocks):
+            end = starts.get(i, i + 1)
+            if i in starts:
+                kwargs = {"context_fn": self.checkpoint_context_fn} if self.checkpoint_context_fn else {}
+                out = checkpoint(self._run_range, x, i, end, key_padding_mask, is_causal, rope, return_intermediates,
+                                 use_reentrant=False, **kwargs)  # fmt: skip
             else:
-                x = block(x, key_padding_mask, is_causal, rope)
+                out = self._run_range(x, i, end, key_padding_mask, is_causal, rope, return_intermediates)
+            x = out[-1]
             if return_intermediates:
-                states.append(x)
+                states.extend(out)
+            i = end
         return (x, states) if return_intermediates else x
+
+    def _run_range(self, x, start, end, key_padding_mask, is_causal, rope, keep_all) -> list[torch.Tensor]:
+        outs = []
+        for block in self.blocks[start:end]:
+            x = block(x, key_padding_mask, is_causal, rope)
+            if keep_all:
+                outs.append(x)
+        return outs if keep_all else [x]

@@ -1,0 +1,31 @@
+"""Shared fixtures. ``torchrun`` launches a worker script on N local gloo ranks and fails the test on non-zero exit."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", str(script), *args]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if result.returncode != 0:
+        pytest.fail(f"torchrun {Path(script).name} {' '.join(args)} exited {result.returncode}:\n"
+                    f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")  # fmt: skip
+    return result
+
+
+@pytest.fixture
+def torchrun():
+    return run_torchrun
