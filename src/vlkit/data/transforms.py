@@ -1,0 +1,188 @@
+"""Image transforms (torchvision v2) with the preprocessing a model's config asks for.
+
+Eval: resize so the image covers the target (the shortest side for a square target; bicubic, antialiased), center
+crop, scale to [0, 1], normalise. Train: RandomResizedCrop (scale 0.9-1.0, bicubic) in place of resize + crop.
+Everything starts by converting any PIL mode to RGB (:func:`vlkit.data.images.to_rgb`).
+
+Two eval crop styles exist because the reference implementations disagree by one pixel on some sizes:
+
+- ``openai`` (default): OpenAI's CLIP and open_clip, i.e. torchvision ``Resize`` + ``CenterCrop``. The crop offset is
+  ``round((size - crop) / 2)`` with Python's half-to-even rounding.
+- ``hf``: Hugging Face ``CLIPImageProcessor``: the crop offset is ``(size - crop) // 2``.
+
+Both resize through PIL for PIL inputs, so ``openai`` reproduces open_clip's pixels and ``hf`` those of
+``CLIPImageProcessorPil`` (transformers' default ``CLIPImageProcessor`` resizes a tensor and differs by ~1/255).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlkit.data.images import to_rgb
+
+CROP_STYLES = ("openai", "hf")
+INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
+TRAIN_SCALE = (0.9, 1.0)
+
+
+def resized_size(height: int, width: int, target_h: int, target_w: int, crop_style: str = "openai") -> tuple[int, int]:
+    """The (height, width) an image is resized to before the center crop: the aspect kept, the target covered.
+
+    For a square target the shorter side becomes the target and the longer one is truncated
+    (``int(target * long / short)``), as torchvision's ``Resize(int)`` and Hugging Face's
+    ``get_resize_output_image_size`` both compute it. For a non-square target the ``openai`` style follows
+    open_clip's ``ResizeKeepRatio``, which rounds; the ``hf`` style keeps truncating.
+    """
+    _check_style(crop_style)
+    if crop_style == "openai" and target_h != target_w:
+        ratio = min(height / target_h, width / target_w)
+        return round(height / ratio), round(width / ratio)
+    if height * target_w <= width * target_h:  # the height binds: scaling it to target_h covers target_w too
+        return target_h, max(target_w, int(target_h * width / height))
+    return max(target_h, int(target_w * height / width)), target_w
+
+
+def center_crop_offsets(
+    height: int, width: int, target_h: int, target_w: int, crop_style: str = "openai"
+) -> tuple[int, int]:
+    """The (top, left) corner of a centered ``target_h x target_w`` crop.
+
+    The styles differ by one pixel when the margin is 3 modulo 4 (111: ``openai`` 56, ``hf`` 55), else agree.
+    """
+    _check_style(crop_style)
+    if crop_style == "openai":
+        # torchvision's rule; round() is half-to-even, which is why a margin of 113 gives 56 in both styles.
+        return int(round((height - target_h) / 2.0)), int(round((width - target_w) / 2.0))
+    return (height - target_h) // 2, (width - target_w) // 2
+
+
+def _check_style(crop_style: str) -> None:
+    if crop_style not in CROP_STYLES:
+        raise ValueError(f"unknown crop style {crop_style!r}; choose from {', '.join(CROP_STYLES)}")
+
+
+class ToRGB(v2.Transform):
+    """Any PIL mode to RGB (alpha composited on white, 16-bit scaled); tensors pass through unchanged."""
+
+    def __init__(self, exif_transpose: bool = False):
+        super().__init__()
+        self.exif_transpose = exif_transpose
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, torch.Tensor):
+            return inpt
+        return to_rgb(inpt, exif_transpose=self.exif_transpose)
+
+
+class ResizeCenterCrop(v2.Transform):
+    """Resize keeping the aspect until ``size`` is covered, then crop its center, with a crop style's rounding."""
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        crop_style: str = "openai",
+        interpolation: v2.InterpolationMode = v2.InterpolationMode.BICUBIC,
+    ):
+        super().__init__()
+        _check_style(crop_style)
+        self.size = (int(size[0]), int(size[1]))
+        self.crop_style = crop_style
+        self.interpolation = interpolation
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        height, width = F.get_size(inpt)
+        target_h, target_w = self.size
+        new_h, new_w = resized_size(height, width, target_h, target_w, self.crop_style)
+        if (new_h, new_w) != (height, width):
+            inpt = F.resize(inpt, [new_h, new_w], interpolation=self.interpolation, antialias=True)
+        top, left = center_crop_offsets(new_h, new_w, target_h, target_w, self.crop_style)
+        return F.crop(inpt, top, left, target_h, target_w)
+
+
+def vision_config(model_or_config: Any) -> Any:
+    """The vision config (``img_h``, ``img_w``, ``mean``, ``std``, ...) of a model, config or preset name.
+
+    Accepts a vlkit model (also wrapped by DDP or ``torch.compile``), a ``Config``, a ``ModelConfig``, a
+    ``VisionConfig``, or a preset name / YAML path.
+    """
+    obj = model_or_config
+    if isinstance(obj, (str, os.PathLike)):
+        from vlkit.config import load_config  # only needed for names; keeps the import of this module light
+
+        obj = load_config(obj).model
+    obj = getattr(obj, "_orig_mod", obj)  # torch.compile
+    if isinstance(obj, torch.nn.Module):
+        obj = getattr(obj, "module", obj)  # DistributedDataParallel
+        if getattr(obj, "config", None) is None:
+            raise TypeError(f"{type(obj).__name__} carries no .config to read the image preprocessing from")
+        obj = obj.config
+    if hasattr(obj, "model") and not hasattr(obj, "img_h"):  # the whole Config tree
+        obj = obj.model
+    if hasattr(obj, "vision") and not hasattr(obj, "img_h"):  # a ModelConfig
+        obj = obj.vision
+    if not (hasattr(obj, "img_h") and hasattr(obj, "img_w")):
+        raise TypeError(f"cannot find img_h / img_w in a {type(model_or_config).__name__}")
+    return obj
+
+
+def get_transform(
+    model_or_config: Any,
+    train: bool,
+    *,
+    normalize: bool = True,
+    crop_style: str | None = None,
+    interpolation: str | None = None,
+    exif_transpose: bool = False,
+    scale: tuple[float, float] = TRAIN_SCALE,
+) -> Callable[[Any], torch.Tensor]:
+    """The preprocessing of a model: a callable from a PIL image (any mode) to a float tensor ``[3, img_h, img_w]``.
+
+    Args:
+        model_or_config: a vlkit model, ``Config``, ``ModelConfig``, ``VisionConfig`` or preset name; its vision
+            config gives ``img_h``, ``img_w``, ``mean`` and ``std`` (OpenAI CLIP's by default) and, when present,
+            ``crop_style`` and ``resize_interpolation``.
+        train: RandomResizedCrop augmentation instead of the deterministic resize + center crop.
+        normalize: False skips the mean/std normalisation and returns pixels in [0, 1] (for comparisons).
+        crop_style: ``openai`` or ``hf`` (see the module docstring); None: the config's, else ``openai``.
+        interpolation: ``bicubic`` or ``bilinear``; None: the config's, else ``bicubic``.
+        exif_transpose: apply the EXIF orientation first (off: OpenAI and open_clip do not).
+        scale: RandomResizedCrop's range of the crop's share of the image area (train only).
+
+    Returns:
+        A ``torchvision.transforms.v2.Compose``; its output is a plain ``torch.Tensor`` (float32, CHW).
+
+    Raises:
+        ValueError: an unknown crop style or interpolation, or a config with ``num_channels`` other than 3.
+        ImageDecodeError: (when called) for an image mode with no RGB conversion.
+    """
+    cfg = vision_config(model_or_config)
+    channels = getattr(cfg, "num_channels", 3)
+    if channels != 3:
+        raise ValueError(f"model.vision.num_channels={channels}: the image transforms produce RGB (3 channels)")
+    size = (int(cfg.img_h), int(cfg.img_w))
+    crop_style = crop_style or getattr(cfg, "crop_style", None) or "openai"
+    _check_style(crop_style)
+    interpolation = interpolation or getattr(cfg, "resize_interpolation", None) or "bicubic"
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
+    mode = INTERPOLATIONS[interpolation]
+
+    steps: list[Callable] = [ToRGB(exif_transpose=exif_transpose)]
+    if train:
+        steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True))
+    else:
+        steps.append(ResizeCenterCrop(size, crop_style=crop_style, interpolation=mode))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if normalize:
+        mean = getattr(cfg, "mean", None) or getattr(cfg, "image_mean", None) or OPENAI_CLIP_MEAN
+        std = getattr(cfg, "std", None) or getattr(cfg, "image_std", None) or OPENAI_CLIP_STD
+        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    steps.append(v2.ToPureTensor())
+    return v2.Compose(steps)
