@@ -66,7 +66,7 @@ PRECISION_ALIASES = {
     "bf16-mixed": "bf16",
     "bfloat16": "bf16",
 }
-OPTIM_ALIASES = {"distributed_fused_adam": "adamw", "fused_adam": "adamw", "adamw": "adamw", "adam": "adam"}
+OPTIM_ALIASES = {"distributed_fused_adam": "adamw", "fused_adam": "adamw"}
 SCHEDULE_ALIASES = {"cosineannealing": "cosine", "cosine": "cosine", "linear": "linear", "constant": "constant"}
 ACTIVATION_ALIASES = {"fast-swiglu": "swiglu", "quick-gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 

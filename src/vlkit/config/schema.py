@@ -124,6 +124,11 @@ class ModelConfig:
     local_loss: bool = False
     gather_with_grad: bool = True
     loss_impl: str = "auto"  # auto | naive | tiled | fused | ring
+    # Locked towers (LiT, open_clip's flags): frozen weights, eval mode, no optimizer state.
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0  # with lock_image: train the last N blocks (plus final norm and projection)
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
     # Classification head (vit_classifier).
@@ -151,7 +156,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # adamw | adam | sgd. "distributed_fused_adam" (NeMo) is accepted and means adamw with FSDP-sharded state.
+    # adamw | adam | sgd | adafactor. "distributed_fused_adam" (NeMo) is accepted and means adamw with FSDP-sharded state.
     name: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.2
@@ -195,7 +200,10 @@ class TrainerConfig:
     micro_batch_size: int = 32  # per process
     global_batch_size: Optional[int] = None  # None: micro_batch_size * data-parallel size (no accumulation)
     gradient_clip_val: Optional[float] = None
-    gradient_cache: bool = False
+    gradient_cache: bool = False  # Inf-CL: one contrastive loss over all micro-batches of the global batch, exactly
+    max_nonfinite_steps: int = 10  # a NaN/Inf loss skips the step; this many in a row aborts the run
+    collective_timeout_s: float = 600.0  # a dead rank makes the others fail after this, instead of hanging
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs only (no MFU on unknown ones)
     val_check_interval: int = 0
     seed: int = 0
     devices: Any = "auto"

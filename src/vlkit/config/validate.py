@@ -10,7 +10,7 @@ NORMS = ("layernorm", "rmsnorm")
 LOSS_IMPLS = ("auto", "naive", "tiled", "fused", "ring")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_PARALLEL = ("auto", "none", "ddp", "fsdp")
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic_shapes", "webdataset", "csv", "imagefolder", "llava")
 

@@ -47,6 +47,13 @@ class TextTransformer(nn.Module):
         last_real = (non_pad * torch.arange(1, ids.shape[1] + 1, device=ids.device)).argmax(dim=1)
         return torch.where(has_eot, first_eot, last_real)
 
+    def trim_padding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Drop the columns after the last end-of-text of the batch. Exact: with a causal mask nothing reads them,
+        and a bidirectional tower masks them anyway. CLIP captions are short, so this skips most of the 77 positions."""
+        if torch.compiler.is_compiling() or ids.shape[1] == 0:
+            return ids
+        return ids[:, : int(self.eot_positions(ids).max()) + 1]
+
     def forward_features(self, ids: torch.Tensor) -> torch.Tensor:
         """All token states after the final norm: [B, T, width]."""
         t = ids.shape[1]
@@ -66,6 +73,9 @@ class TextTransformer(nn.Module):
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), self.eot_positions(ids)]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > self.context_length:
+            raise ValueError(f"text of {ids.shape[1]} tokens exceeds the context length {self.context_length}")
+        ids = self.trim_padding(ids)
         pooled = self.pool(self.forward_features(ids), ids)
         return self.proj(pooled) if self.proj is not None else pooled
 

@@ -1,0 +1,74 @@
+"""What a task is to the trainer: build model and data, turn a batch into a loss. Nothing else differs per task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlkit.config.schema import Config
+from vlkit.parallel.dist import DistInfo
+
+Batch = dict[str, Any]
+
+
+class Task:
+    """Base class; subclasses override the builders and :meth:`loss` (and :meth:`features` /
+    :meth:`loss_from_features` to support the gradient cache)."""
+
+    name = "task"
+    #: True when the loss is a function of per-sample features that can be cached (the gradient-cache recipe).
+    supports_gradient_cache = False
+
+    def __init__(self, cfg: Config, dist: DistInfo, dp_group: Any = None) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.dp_group = dp_group  # the data-parallel process group (None: the default group, if any)
+
+    # -- building -------------------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Freeze towers etc. before parallelisation (default: nothing)."""
+
+    def build_train_loader(self, micro_batch_size: int) -> Iterable[Batch]:
+        """An iterable of batches; a loader with ``state_dict()`` / ``load_state_dict()`` gets exact resume."""
+        raise NotImplementedError
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def features(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Model outputs the loss is computed from: [B, ...] tensors and 0-d tensors (gradient cache)."""
+        raise NotImplementedError
+
+    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        """Parameter constraints after each step (CLIP clamps its logit scale)."""
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """model.train(), except what must stay in eval mode (frozen towers)."""
+        model.train()
+
+    # -- accounting -----------------------------------------------------------------------------------------------
+    def batch_size(self, batch: Batch) -> int:
+        return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+
+    def train_flops_per_sample(self) -> int | None:
+        """Forward + backward FLOPs of one sample (for MFU), traced on the meta device; None if unknown."""
+        return None
+
+    def skipped_samples(self, loader: Any) -> dict[str, int]:
+        metrics = getattr(loader, "metrics", None)
+        return dict(metrics()) if callable(metrics) else {}
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -1,0 +1,131 @@
+"""CLIP: image-text pairs -> normalised features -> exact contrastive loss (local, gathered or ring across ranks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vlkit.losses import ContrastiveLoss
+from vlkit.models import create_model
+from vlkit.tasks.base import Batch, Task
+
+
+def _lock(module: nn.Module, blocks: nn.ModuleList, unlocked: int, keep_trainable: list[nn.Module]) -> list[nn.Module]:
+    """Freeze ``module`` except its last ``unlocked`` blocks and, when any are unlocked, the head modules after them.
+
+    Returns the modules that must stay in eval mode (the frozen ones)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if unlocked <= 0:
+        return [module]
+    trainable = list(blocks[len(blocks) - unlocked :]) + keep_trainable
+    for m in trainable:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return [b for b in blocks[: len(blocks) - unlocked]]
+
+
+class CLIPTask(Task):
+    name = "clip"
+    supports_gradient_cache = True
+
+    def __init__(self, cfg, dist_info, dp_group=None) -> None:
+        super().__init__(cfg, dist_info, dp_group)
+        m = cfg.model
+        # Features are gathered over the data-parallel ranks only: tensor-parallel peers hold the same rows.
+        group = dp_group if dp_group is not None else "world"
+        self.loss_fn = ContrastiveLoss(m.loss_impl, m.local_loss, m.gather_with_grad, group=group)
+        self.frozen: list[nn.Module] = []
+
+    def build_model(self) -> nn.Module:
+        return create_model(self.cfg)
+
+    def prepare_model(self, model: nn.Module) -> None:
+        m = self.cfg.model
+        frozen = []
+        if m.lock_image:
+            v = model.visual
+            head = [x for x in (v.norm, v.proj) if x is not None]
+            frozen += _lock(v, v.transformer.blocks, m.lock_image_unlocked_groups, head)
+        if m.lock_text:
+            t = model.text
+            head = [x for x in (t.norm, t.proj) if x is not None]
+            frozen += _lock(t, t.transformer.blocks, m.lock_text_unlocked_layers, head)
+        self.frozen = frozen
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+        for m in self.frozen:  # frozen towers keep eval behaviour (no dropout, no drop path)
+            m.eval()
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def build_train_loader(self, micro_batch_size: int):
+        from vlkit.data.shards import loader_from_config
+        from vlkit.data.tokenizer import get_tokenizer
+        from vlkit.data.transforms import get_transform
+
+        data = self.cfg.data
+        if data.kind == "synthetic_shapes":
+            data = ensure_shapes_dataset(data, self.cfg.model.vision.img_h, self.dist.is_main)
+        tokenizer = get_tokenizer(self.cfg.model.text.tokenizer, self.cfg.model.text.encoder_seq_length)
+        return loader_from_config(
+            data,
+            batch_size=micro_batch_size,
+            image_transform=get_transform(self.cfg.model, train=True),
+            tokenizer=tokenizer,
+            train=True,
+            seed=self.cfg.trainer.seed,
+        )
+
+    # -- the step -------------------------------------------------------------------------------------------------
+    def features(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return model(batch["image"], batch["text"])
+
+    def loss_from_features(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.loss_fn(feats["image_features"].float(), feats["text_features"].float(), feats["logit_scale"])
+        return loss, {"logit_scale": float(feats["logit_scale"].detach())}
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss_from_features(self.features(model, batch))
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        # The clamp also applies in forward; clamping the stored value too keeps it from drifting far above, where
+        # its gradient is zero and it could never come back (open_clip does the same after every step).
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, self.cfg.model.logit_scale_max)
+
+    def batch_size(self, batch: Batch) -> int:
+        return int(batch["image"].shape[0])
+
+    def train_flops_per_sample(self) -> int | None:
+        from vlkit.utils.flops import tower_flops
+
+        meta = create_model(self.cfg, device="meta")
+        return sum(c.forward_backward for c in tower_flops(meta).values())
+
+
+def ensure_shapes_dataset(data_cfg: Any, image_size: int, is_main: bool) -> Any:
+    """Write the synthetic shapes dataset at ``data.train_path``'s root once (rank 0), then point the config at it."""
+    from dataclasses import replace
+
+    from vlkit.data.shapes import write_shapes_dataset
+
+    root = Path(data_cfg.train_path or "data/shapes")
+    if root.name in ("train", "val"):
+        root = root.parent
+    if is_main and not (root / "classes.json").is_file():
+        size = data_cfg.dataset_size or 20000
+        write_shapes_dataset(root, train=size, val=max(500, size // 20), size=image_size)
+    if dist.is_initialized():
+        dist.barrier()
+    return replace(
+        data_cfg,
+        kind="webdataset",
+        train_path=str(root / "train"),
+        val_path=str(root / "val"),
+        dataset_size=None,
+    )

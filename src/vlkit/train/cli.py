@@ -1,0 +1,41 @@
+"""``vlkit train CONFIG [key=value ...]`` — single process or under torchrun / srun."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a preset or YAML config (single process, torchrun or srun)",
+        description="Train a model. The config is a preset (e.g. clip-tiny-shapes) or a YAML file; key=value "
+        "overrides follow. Under torchrun (or srun) every process runs this same command.",
+        epilog="examples:\n  vlkit train clip-tiny-shapes trainer.max_steps=200\n"
+        "  torchrun --nproc_per_node 2 -m vlkit train clip-tiny-shapes parallel.fsdp=true\n"
+        "  vlkit train clip-tiny-shapes trainer.checkpoint.resume=latest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="preset name or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlkit.config import load_config
+    from vlkit.parallel import cleanup
+    from vlkit.tasks import task_for
+    from vlkit.train.trainer import NonFiniteLossError, Trainer
+
+    cfg = load_config(args.config, args.overrides)  # a bad config exits 2 before any work
+    task_cls = task_for(cfg.model.arch)
+    try:
+        trainer = Trainer(cfg, task_cls)
+        trainer.fit()
+    except NonFiniteLossError as e:
+        print(f"vlkit train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    return 0

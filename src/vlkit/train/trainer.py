@@ -1,0 +1,315 @@
+"""The one training loop. A task builds model and data and turns a batch into a loss; everything else is here:
+parallelism, precision, accumulation, gradient cache, clipping, NaN handling, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vlkit.config.schema import Config
+from vlkit.parallel import ParallelPlan, build_mesh, init_distributed, parallelize
+from vlkit.parallel.dist import DistInfo
+from vlkit.tasks.base import Batch, Task, to_device
+from vlkit.train.checkpoint import CheckpointManager
+from vlkit.train.metrics import MetricSinks, Throughput, device_peak_flops, format_line
+from vlkit.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("vlkit.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def accumulation_steps(cfg: Config, dp_size: int) -> int:
+    """Micro-batches per optimizer step so that micro_batch_size x data-parallel ranks x steps = global batch."""
+    micro, glob = cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size
+    if glob is None:
+        return 1
+    per_step = micro * dp_size
+    if glob % per_step:
+        raise ValueError(
+            f"trainer.global_batch_size={glob} is not a multiple of trainer.micro_batch_size={micro} x "
+            f"{dp_size} data-parallel ranks"
+        )
+    return glob // per_step
+
+
+def _no_sync(model: nn.Module, plan: ParallelPlan, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if sync or plan.data_parallel == "none":
+        return contextlib.nullcontext()
+    if plan.data_parallel == "ddp":
+        return model.no_sync()
+    # FSDP2 keeps sharded gradients; skipping the reduce-scatter until the last micro-batch saves communication.
+    model.set_requires_gradient_sync(False)
+    return _restore_fsdp_sync(model)
+
+
+@contextlib.contextmanager
+def _restore_fsdp_sync(model: nn.Module):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class Trainer:
+    """Runs ``task`` under ``cfg``: ``Trainer(cfg, task_cls).fit()``."""
+
+    def __init__(self, cfg: Config, task_cls: type[Task], dist_info: DistInfo | None = None) -> None:
+        self.cfg = cfg
+        tcfg = cfg.trainer
+        needs_group = cfg.parallel.tensor_parallel_size > 1 or cfg.parallel.data_parallel == "fsdp" or tcfg.amp_O2
+        self.dist = dist_info or init_distributed(tcfg.accelerator, tcfg.collective_timeout_s, force=needs_group)
+        self.device = self.dist.device
+        torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+        self.mesh = build_mesh(self.device, cfg.parallel.tensor_parallel_size)
+        self.dp_size = self.mesh["dp"].size() if self.mesh is not None else 1
+        dp_group = self.mesh["dp"].get_group() if self.mesh is not None and self.mesh["tp"].size() > 1 else None
+        self.task = task_cls(cfg, self.dist, dp_group)
+        model = self.task.build_model()
+        self.task.prepare_model(model)
+        self.model, self.plan = parallelize(model, cfg, self.mesh, self.device)
+        self.accum = accumulation_steps(cfg, self.dp_size)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, cfg.schedule.max_steps or tcfg.max_steps, cfg.optim.lr
+        )
+        self.out_dir = Path(tcfg.output_dir)
+        ckpt_dir = Path(tcfg.checkpoint.dir) if tcfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.ckpt = CheckpointManager(ckpt_dir, tcfg.checkpoint.keep_last, self.dist.rank, self.dist.world_size)
+        # The rank's RNG differs from here on (dropout, augmentation), so data parallel ranks do not draw alike.
+        torch.manual_seed(tcfg.seed * 1000 + self.dist.rank + 1)
+        self.loader = self.task.build_train_loader(tcfg.micro_batch_size)
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.history: list[dict[str, Any]] = []
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": _config_dict(self.cfg)}
+        if hasattr(self.loader, "state_dict"):
+            state["data"] = self.loader.state_dict()
+        return state
+
+    def save(self) -> Path:
+        return self.ckpt.save(self.step, self._inner_model(), self.optimizer, self.scheduler, state=self._state())
+
+    def resume(self, path: str | None) -> bool:
+        """Load ``path`` ("latest"/"auto" for the newest); False when there is nothing to resume from."""
+        if path in ("latest", "auto") and self.ckpt.latest() is None:
+            return False
+        state = self.ckpt.load(None if path in ("latest", "auto") else path, self._inner_model(), self.optimizer,
+                               self.scheduler)  # fmt: skip
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if "data" in state and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(state["data"])
+        return True
+
+    def _inner_model(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)  # DDP wraps; FSDP2 / TP modify in place
+
+    # -- one optimizer step ---------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.plan.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.plan.autocast_dtype)
+
+    def _micro_batches(self, batches_iter) -> tuple[list[Batch], float]:
+        t0 = time.perf_counter()
+        batches = [to_device(next(batches_iter), self.device) for _ in range(self.accum)]
+        return batches, time.perf_counter() - t0
+
+    def _accumulate(self, batches: list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
+        total, metrics = torch.zeros((), device=self.device), {}
+        for i, batch in enumerate(batches):
+            with _no_sync(self.model, self.plan, sync=i == len(batches) - 1), self._autocast():
+                loss, metrics = self.task.loss(self.model, batch)
+                (loss / len(batches)).backward()
+            total += loss.detach() / len(batches)
+        return total, metrics
+
+    def _gradient_cache(self, batches: list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Exact large-batch gradient with micro-batch memory: features without grad, one loss over all of them,
+        then each micro-batch re-run (same RNG) and back-propagated from its slice of the feature gradients."""
+        rng, cached = [], []
+        with torch.no_grad(), self._autocast():
+            for batch in batches:
+                rng.append(_rng_state(self.device))
+                cached.append(self.task.features(self.model, batch))
+        keys = list(cached[0])
+        feats = {}
+        for k in keys:
+            if cached[0][k].ndim == 0:  # replicated scalars (the logit scale): one leaf
+                feats[k] = cached[0][k].detach().float().requires_grad_()
+            else:
+                feats[k] = torch.cat([c[k] for c in cached]).detach().float().requires_grad_()
+        with self._autocast():
+            loss, metrics = self.task.loss_from_features(feats)
+        loss.backward()
+        grads = {k: v.grad for k, v in feats.items()}
+        offset = 0
+        for i, batch in enumerate(batches):
+            n = len(cached[i][keys[0]]) if cached[i][keys[0]].ndim else self.task.batch_size(batch)
+            _set_rng_state(rng[i], self.device)
+            with _no_sync(self.model, self.plan, sync=i == len(batches) - 1), self._autocast():
+                out = self.task.features(self.model, batch)
+                surrogate = sum(
+                    (
+                        out[k].float()
+                        * (grads[k] / len(batches) if out[k].ndim == 0 else grads[k][offset : offset + n])
+                    ).sum()
+                    for k in keys
+                    if grads[k] is not None
+                )
+                surrogate.backward()
+            offset += n
+        return loss.detach(), metrics
+
+    def _clip_and_check(self, loss: torch.Tensor) -> tuple[bool, float | None]:
+        """Clip the gradient norm; decide on all ranks together whether the step is finite."""
+        grad_norm = None
+        clip = self.cfg.trainer.gradient_clip_val
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        finite = torch.isfinite(loss.detach().float()).reshape(1).float()
+        if grad_norm is not None:
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            finite = finite * torch.isfinite(gn.float()).float()
+            grad_norm = float(gn)
+        if dist.is_initialized() and self.dist.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item()), grad_norm
+
+    def train_step(self, batches: list[Batch]) -> dict[str, float]:
+        self.task.set_train_mode(self.model)
+        if self.cfg.trainer.gradient_cache:
+            loss, metrics = self._gradient_cache(batches)
+        else:
+            loss, metrics = self._accumulate(batches)
+        ok, grad_norm = self._clip_and_check(loss)
+        if ok:
+            self.optimizer.step()
+            self.task.after_optimizer_step(self._inner_model())
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            log.warning(
+                "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_row
+            )
+            if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_row} non-finite steps in a row (trainer.max_nonfinite_steps): lower the lr, "
+                    "enable gradient clipping or check the data"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
+        loss_value = float(loss)
+        if dist.is_initialized() and self.dist.world_size > 1:
+            t = torch.tensor([loss_value], device=self.device)
+            dist.all_reduce(t)
+            loss_value = float(t) / self.dist.world_size
+        out = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0], **metrics}
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm
+        out["nonfinite_steps"] = self.nonfinite_total
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _batches(self):
+        """Batches forever, epoch after epoch (a loader iterates one epoch at a time)."""
+        while True:
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield batch
+            if empty:
+                raise RuntimeError("the training data yielded no batch: check data.train_path and the batch size")
+
+    def fit(self) -> list[dict[str, Any]]:
+        tcfg = self.cfg.trainer
+        if tcfg.checkpoint.resume:
+            resumed = self.resume(tcfg.checkpoint.resume)
+            if self.dist.is_main:
+                print(f"resumed from step {self.step}" if resumed else "no checkpoint to resume from: starting fresh")
+        flops = self.task.train_flops_per_sample()
+        meter = Throughput(flops, device_peak_flops(self.device, tcfg.peak_tflops), self.dist.world_size)
+        sinks = MetricSinks(self.out_dir, self.dist.is_main, tcfg.logging.jsonl, tcfg.logging.tensorboard)
+        bar = _progress(self.dist.is_main, tcfg.max_steps, self.step)
+        every = max(1, tcfg.logging.log_every_n_steps)
+        batches_iter = self._batches()
+        try:
+            while self.step < tcfg.max_steps:
+                batches, wait = self._micro_batches(batches_iter)
+                metrics = self.train_step(batches)
+                self.step += 1
+                meter.update(sum(self.task.batch_size(b) for b in batches), wait)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.step % every == 0 or self.step == tcfg.max_steps:
+                    metrics.update(meter.summary())
+                    if self.device.type == "cuda":
+                        metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+                    skipped = self.task.skipped_samples(self.loader)
+                    metrics["skipped_samples"] = sum(skipped.values())
+                    sinks.log(self.step, metrics)
+                    self.history.append({"step": self.step, **metrics})
+                    if self.dist.is_main:
+                        _write(bar, format_line(self.step, tcfg.max_steps, metrics))
+                    meter.reset()
+                every_ckpt = tcfg.checkpoint.every_n_steps
+                if every_ckpt and self.step % every_ckpt == 0 and self.step < tcfg.max_steps:
+                    self.save()
+            self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            sinks.close()
+        return self.history
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+def _write(bar, line: str) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, flush=True)
+
+
+def _config_dict(cfg: Config) -> dict:
+    try:
+        return asdict(cfg)
+    except TypeError:
+        return {}
