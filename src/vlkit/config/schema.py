@@ -64,6 +64,10 @@ class VisionConfig(TransformerConfig):
     class_token_length: int = 1
     pre_norm: bool = True  # a LayerNorm after the embeddings (CLIP's ln_pre); classic ViT classifiers have none
     patch_bias: bool = False  # bias on the patch-embedding convolution (CLIP: none; timm/NeMo ViT: yes)
+    # Eval preprocessing: OpenAI/open_clip's resize + centre crop, or Hugging Face CLIPImageProcessor's (differs by a
+    # pixel of crop offset on some sizes). Belongs to the checkpoint: converters carry it.
+    crop_style: str = "openai"  # openai | hf
+    resize_interpolation: str = "bicubic"  # bicubic | bilinear
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -83,6 +83,8 @@ def _check_vision(p: list[str], v: VisionConfig, tp: int) -> None:
     if v.class_token_length == 0 and not v.global_average_pool:
         p.append("model.vision.class_token_length=0 needs model.vision.global_average_pool=True (nothing to pool)")
     _rate(p, "model.vision.drop_patch_rate", v.drop_patch_rate)
+    _choice(p, "model.vision.crop_style", v.crop_style, ("openai", "hf"))
+    _choice(p, "model.vision.resize_interpolation", v.resize_interpolation, ("bicubic", "bilinear"))
     for key, val in (("image_mean", v.image_mean), ("image_std", v.image_std)):
         if val is not None and len(val) != v.num_channels:
             p.append(f"model.vision.{key} has {len(val)} values for model.vision.num_channels={v.num_channels}")
