@@ -1,0 +1,794 @@
+"""Training checkpoints: model, optimizer, scheduler, step, data position and RNG, written atomically.
+
+Layout of a checkpoint directory ``DIR/step_{step:08d}/``:
+
+- single process (or DDP, written by rank 0): ``model.safetensors`` (``_orig_mod.`` prefixes stripped, the same
+  file a vlkit model directory holds, with ``config.json`` beside it when the model was built by
+  ``vlkit.create_model``), ``optimizer.safetensors`` (every tensor of ``optimizer.state_dict()`` under its path,
+  e.g. ``state.3.exp_avg``), ``rng_rank{r:05d}.json`` per rank and ``train_state.json``;
+- sharded (FSDP2 / tensor parallel): ``torch.distributed.checkpoint`` files (``.metadata`` + ``__*.distcp``) holding
+  the model and optimizer tensors, ``rng_rank{r:05d}.json`` written by each rank, and ``train_state.json``.
+
+``train_state.json`` is the marker and table of contents: format, step, the sizes of every other file (a checkpoint
+is complete only when all are present at their size), the optimizer's non-tensor state and param-group
+hyper-parameters, the scheduler's state and the caller's ``state``. Tensors found inside those (rare: an ``lr``
+tensor, a tensor in ``state``) go to ``extra.safetensors``. Tuples, non-string keys and tensors are written as
+``{"__tuple__": [...]}``, ``{"__items__": [[k, v], ...]}`` and ``{"__tensor__": name}`` so that a state dict comes
+back exactly as it went in.
+
+A checkpoint is built in a temporary directory, fsynced and renamed into place; only then is ``DIR/latest`` (one
+line: the directory's name) replaced, by rename. Killing the process at any moment leaves ``latest`` on a complete
+checkpoint, and :meth:`CheckpointManager.latest` skips a pointer whose target is missing or incomplete.
+
+Nothing is unpickled when loading: safetensors and JSON for the single format; for the sharded format DCP reads
+tensors with ``torch.load(weights_only=True)``, while its ``.metadata`` file is a pickle that DCP itself loads with
+an unrestricted ``pickle.load``. So a sharded checkpoint is read only from a directory carrying our marker, its
+metadata is first checked by an unpickler that admits only DCP's own metadata classes, and entries that DCP would
+read with ``torch.load(weights_only=False)`` (non-tensor "bytes" items, which we never write) are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import importlib
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from vlkit import __version__
+from vlkit.interop.native import CONFIG_FILE, WEIGHTS_FILE, _dedupe, _fsync_dir, atomic_write_dir, clean_state_dict
+from vlkit.interop.native import FORMAT as MODEL_FORMAT
+from vlkit.train.rng import capture_rng_state, restore_rng_state
+
+__all__ = ["CheckpointError", "CheckpointManager", "capture_rng_state", "restore_rng_state"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vlkit-checkpoint"
+VERSION = 1
+STATE_FILE = "train_state.json"
+MODEL_FILE = WEIGHTS_FILE
+OPTIM_FILE = "optimizer.safetensors"
+EXTRA_FILE = "extra.safetensors"
+LATEST_FILE = "latest"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+# Leftovers of interrupted saves/prunes: atomic_write_dir's ".NAME.tmp-*" / ".NAME.old-PID", our staging and
+# deletion directories, and the pointer's temporary file.
+_LEFTOVER = re.compile(r"\.(step_\d{8,})\.(tmp-.*|old-\d+|partial|deleting)|\.latest\.tmp-\d+")
+_MARKERS = ("__tensor__", "__tuple__", "__items__")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is incomplete, foreign or does not fit the model; the message names the file or parameter."""
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.json"
+
+
+# --------------------------------------------------------------------------- exact JSON encoding of state dicts
+
+
+def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON skeleton of ``obj``; tensors are moved into ``tensors`` under their dotted path."""
+    where = ".".join(path)
+    if isinstance(obj, torch.Tensor):
+        if where in tensors:
+            raise CheckpointError(f"two tensors would be stored as {where!r} (keys 1 and '1' in one dict?)")
+        tensors[where] = obj
+        return {"__tensor__": where}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, [*path, str(i)], tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, [*path, str(i)], tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not any(k in _MARKERS for k in obj):
+            return {k: _encode(v, [*path, k], tensors) for k, v in obj.items()}
+        items = []
+        for k, v in obj.items():
+            no_tensors: dict[str, torch.Tensor] = {}
+            key = _encode(k, [*path, "<key>"], no_tensors)
+            if no_tensors:
+                raise CheckpointError(f"{where or '<root>'}: tensor used as a dict key cannot be stored")
+            items.append([key, _encode(v, [*path, str(k)], tensors)])
+        return {"__items__": items}
+    raise CheckpointError(
+        f"{where or '<root>'}: a {type(obj).__name__} cannot be stored in a checkpoint "
+        "(only tensors, numbers, strings, None, lists, tuples and dicts; nothing is pickled)"
+    )
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        ((tag, value),) = obj.items()
+        if tag == "__tensor__":
+            if value not in tensors:
+                raise CheckpointError(f"tensor {value!r} is referenced by {STATE_FILE} but missing from the files")
+            return tensors[value]
+        if tag == "__tuple__":
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == "__items__":
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+# --------------------------------------------------------------------------- small file helpers
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    unique, aliases = _dedupe(tensors)
+    save_file(unique, str(file), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, name in aliases.items():
+        out[alias] = out[name]
+    return out
+
+
+def _write_synced(file: Path, text: str) -> None:
+    with open(file, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_train_state(path: Path) -> dict:
+    """``train_state.json`` of a checkpoint, after checking every file it lists is present at its size."""
+    state_file = path / STATE_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: {STATE_FILE} is missing (not a complete vlkit checkpoint)")
+    try:
+        info = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_file}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{state_file}: not a vlkit checkpoint (format={info.get('format')!r})")
+    if info.get("version", 0) > VERSION:
+        raise CheckpointError(f"{state_file}: checkpoint version {info['version']} is newer than this vlkit's")
+    for name, size in info.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, {size} expected (truncated?)")
+    return info
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        _read_train_state(path)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- models, wrappers and DTensors
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the checkpoint's: without DDP's ``module.`` or compile's wrapper."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _has_dtensor(model: nn.Module) -> bool:
+    if not dist.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _has_state(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether DCP's state-dict helpers may be used: on an optimizer without state they first run a zero-lr
+    ``step()`` to create it, which advances Adam's step counters and would change the run being saved or resumed.
+    Stateless optimizers are saved and loaded by plain ``state_dict()`` / ``load_state_dict()`` instead."""
+    return optimizer is not None and bool(optimizer.state)
+
+
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str | None]:
+    """Parameter name of each optimizer index, in ``optimizer.state_dict()`` numbering."""
+    names = {id(p): n.replace("_orig_mod.", "") for n, p in model.named_parameters()}
+    return [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _fqn_to_index(osd: dict) -> tuple[dict, list[str]]:
+    """DCP's name-keyed optimizer state dict in ``Optimizer.state_dict()``'s index numbering, and the names."""
+    names = [n for group in osd["param_groups"] for n in group["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    state = {index[n]: s for n, s in osd["state"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return {"state": state, "param_groups": groups}, names
+
+
+def _index_to_fqn(osd: dict, names: list[str | None], path: Path) -> dict:
+    if any(n is None for n in names):
+        raise CheckpointError(f"{path}: optimizer parameters without names cannot be loaded into a sharded model")
+    state = {names[i]: s for i, s in osd["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _check_model_fits(path: Path, saved: dict[str, tuple], current: dict[str, tuple]) -> None:
+    """Raise naming every parameter whose presence or shape differs (before anything is copied)."""
+    problems = [
+        f"{k}: checkpoint {tuple(saved[k])}, model {tuple(current[k])}"
+        for k in sorted(saved.keys() & current.keys())
+        if tuple(saved[k]) != tuple(current[k])
+    ]
+    missing = sorted(current.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - current.keys())
+    parts = []
+    if problems:
+        parts.append("shape mismatch for " + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+    if missing:
+        parts.append(f"missing from the checkpoint: {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        parts.append(f"not in the model: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
+    if parts:
+        raise CheckpointError(f"{path}: the model does not fit the checkpoint: " + " | ".join(parts))
+
+
+def _check_optimizer_fits(path: Path, saved: list | None, current: list) -> None:
+    """Optimizer state is keyed by position: the same positions must hold the same parameters."""
+    if saved is None or saved == current:
+        return
+    n = max(len(saved), len(current))
+    saved, current = saved + ["<none>"] * (n - len(saved)), current + ["<none>"] * (n - len(current))
+    i = next(i for i in range(n) if saved[i] != current[i])
+    raise CheckpointError(
+        f"{path}: the optimizer's parameters differ from the checkpoint's: position {i} holds {saved[i]!r} there "
+        f"and {current[i]!r} here"
+    )
+
+
+def _model_config(model: nn.Module) -> dict | None:
+    from vlkit.models.factory import model_config_dict
+
+    try:
+        return model_config_dict(model)
+    except TypeError:  # not built by create_model: the checkpoint still works, just not as a model directory
+        return None
+
+
+# --------------------------------------------------------------------------- DCP without unrestricted unpickling
+
+
+_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP's ``.metadata`` is made of: its own dataclasses and enums, torch sizes/dtypes, paths."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ENUMS):
+            return getattr(torch, name)
+        # Only modules DCP has already imported: the pickle must not be able to trigger imports.
+        if module.startswith("torch.distributed.checkpoint") and module in sys.modules:
+            obj = getattr(sys.modules[module], name, None)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+
+
+def _safe_reader(path: Path):
+    """A DCP FileSystemReader that vets ``.metadata`` before DCP unpickles it (version-independent: DCP's own
+    ``read_metadata`` signature changed across releases, so the check runs first and then defers to it)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            for file in sorted(Path(path).glob("*.metadata")) + sorted(Path(path).glob(".metadata")):
+                with open(file, "rb") as f:
+                    try:
+                        metadata = _MetadataUnpickler(f).load()
+                    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+                        raise CheckpointError(f"{file}: not a DCP metadata file vlkit will read ({e})") from None
+                if not isinstance(metadata, Metadata):
+                    raise CheckpointError(f"{file}: holds a {type(metadata).__name__}, not DCP metadata")
+                bad = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
+                if bad:
+                    # DCP reads non-tensor entries with torch.load(weights_only=False); vlkit never writes any.
+                    raise CheckpointError(f"{file}: non-tensor entries {bad[:5]} refused (they would be unpickled)")
+            return super().read_metadata(*args, **kwargs)
+
+    return SafeReader(str(path))
+
+
+def _tensor_only_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            raise CheckpointError(f"refusing to unpickle non-tensor checkpoint entry {read_item.dest_index.fqn!r}")
+
+    return TensorOnlyLoadPlanner()
+
+
+@contextlib.contextmanager
+def _single_process_dcp_ok():
+    """DCP warns when used without a process group; here that is deliberate (the sharded format in one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed is .*(unavailable|uninitialized)")
+        yield
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the checkpoints of one run in ``directory``.
+
+    One manager per run and directory; with several processes every rank builds one with the same directory, which
+    must be on a filesystem all ranks share. ``save`` and ``load`` are collective when ``torch.distributed`` is
+    initialised with more than one process: every rank calls them.
+
+    Args:
+        directory: where ``step_{step:08d}/`` directories and the ``latest`` pointer live.
+        keep_last: complete checkpoints to keep (the newest by step, plus whatever ``latest`` names);
+            0 keeps all.
+        rank: this process's global rank (must match ``torch.distributed`` when it is initialised).
+        world_size: number of processes (likewise).
+    """
+
+    def __init__(self, directory: str | Path, keep_last: int = 2, rank: int = 0, world_size: int = 1):
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0 (0 keeps every checkpoint), got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # ----------------------------------------------------------------- finding checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints in the directory, oldest step first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for p in self.directory.iterdir():
+            m = _STEP_DIR.fullmatch(p.name)
+            if m and p.is_dir() and _is_complete(p):
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def _pointer(self) -> str | None:
+        try:
+            name = (self.directory / LATEST_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name if _STEP_DIR.fullmatch(name) else None
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names; if that is missing or incomplete, the newest complete one; else None."""
+        name = self._pointer()
+        if name is not None:
+            path = self.directory / name
+            if _is_complete(path):
+                return path
+            pointer = self.directory / LATEST_FILE
+            log.warning("%s names %s, which is missing or incomplete; using the newest complete one", pointer, name)
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def _resolve(self, path: str | Path | None) -> Path:
+        if path is None or str(path) == "latest":
+            found = self.latest()
+            if found is None:
+                raise FileNotFoundError(f"{self.directory}: no complete checkpoint to resume from")
+            return found
+        path = Path(path)
+        if not path.exists() and (self.directory / path).exists():
+            path = self.directory / path
+        return path
+
+    # ----------------------------------------------------------------- distributed helpers
+
+    def _distributed(self) -> bool:
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if active and (self.rank, self.world_size) != (dist.get_rank(), dist.get_world_size()):
+            raise ValueError(
+                f"CheckpointManager(rank={self.rank}, world_size={self.world_size}) but torch.distributed has "
+                f"rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+        if not active and self.world_size > 1:
+            raise ValueError(f"world_size={self.world_size} but torch.distributed is not initialised")
+        return active
+
+    @staticmethod
+    def _device() -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _agree(self, ok: bool) -> bool:
+        """Barrier that also tells every rank whether all ranks succeeded (so a failure never leaves one hanging)."""
+        if not self._distributed():
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self._device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _gather_json(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (JSON) on every rank, through tensors rather than pickled objects."""
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self._device())
+        sizes = [torch.zeros(1, dtype=torch.int64, device=data.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=data.device))
+        longest = int(max(s.item() for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8, device=data.device)
+        padded[: data.numel()] = data
+        chunks = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(chunks, padded)
+        return [json.loads(bytes(c[: int(s.item())].cpu().tolist())) for c, s in zip(chunks, sizes)]
+
+    def _collective(self, ok: bool, error: BaseException | None, what: str) -> None:
+        if not self._agree(ok):
+            raise error if error is not None else CheckpointError(f"{what} failed on another rank")
+
+    # ----------------------------------------------------------------- saving
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        scheduler: Any = None,
+        state: dict | None = None,
+        sharded: bool | None = None,
+    ) -> Path:
+        """Write ``DIR/step_{step:08d}/`` atomically, then point ``DIR/latest`` at it, then prune.
+
+        Collective when distributed. Each rank's global RNG states are stored and restored by :meth:`load`.
+
+        Args:
+            step: the optimizer step this checkpoint follows (names the directory).
+            model: the model, possibly wrapped by DDP or ``torch.compile``, or sharded by FSDP2 / tensor parallel.
+            optimizer: its optimizer, or None.
+            scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``), or None.
+            state: JSON-able dict of everything else needed to resume (data position, counters, config); tensors,
+                tuples and non-string keys are allowed and come back as they went in.
+            sharded: True writes DCP shards from every rank; False writes the single-process format from rank 0
+                (gathering DTensor parameters first); None chooses sharded exactly when distributed with
+                DTensor parameters (FSDP2 / TP), so DDP models take the single format.
+
+        Returns:
+            The checkpoint directory.
+        """
+        distributed = self._distributed()
+        target_model = _unwrap(model)
+        has_dtensor = _has_dtensor(target_model)
+        if sharded is None:
+            sharded = distributed and has_dtensor
+        target = self.directory / f"step_{step:08d}"
+
+        # Everything that might refuse to serialise is encoded before any file is written.
+        extra: dict[str, torch.Tensor] = {}
+        info: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": "sharded" if sharded else "single",
+            "step": step,
+            "world_size": self.world_size,
+            "vlkit_version": __version__,
+            "torch_version": torch.__version__,
+            "scheduler": _encode(scheduler.state_dict(), ["scheduler"], extra) if scheduler is not None else None,
+            "state": _encode(dict(state or {}), ["state"], extra),
+        }
+        json.dumps(info)
+        rng = capture_rng_state()
+
+        if sharded:
+            self._save_sharded(target, target_model, optimizer, info, extra, rng)
+        else:
+            self._save_single(target, target_model, optimizer, info, extra, rng, distributed, has_dtensor)
+        return target
+
+    def _save_single(self, target, model, optimizer, info, extra, rng, distributed, has_dtensor) -> None:
+        rngs = self._gather_json(rng) if distributed else [rng]
+        if distributed and has_dtensor:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            if _has_state(optimizer):
+                msd, osd = get_state_dict(model, optimizer, options=full)  # full tensors on rank 0 only
+                osd, names = _fqn_to_index(osd) if self.rank == 0 else (None, None)
+            else:
+                msd = get_model_state_dict(model, options=full)
+                osd = optimizer.state_dict() if optimizer is not None else None
+                names = _param_names(model, optimizer) if optimizer is not None else None
+        else:
+            msd = clean_state_dict(model)
+            osd = optimizer.state_dict() if optimizer is not None else None
+            names = _param_names(model, optimizer) if optimizer is not None else None
+
+        error = None
+        if self.rank == 0:
+            try:
+                optim_tensors: dict[str, torch.Tensor] = {}
+                info["optimizer"] = _encode(osd, [], optim_tensors) if osd is not None else None
+                info["param_names"] = names
+                config = _model_config(model)
+
+                def write(tmp: Path) -> None:
+                    _save_tensors(msd, tmp / MODEL_FILE)
+                    if osd is not None:
+                        _save_tensors(optim_tensors, tmp / OPTIM_FILE)
+                    if extra:
+                        _save_tensors(extra, tmp / EXTRA_FILE)
+                    if config is not None:
+                        model_dir = {"format": MODEL_FORMAT, "vlkit_version": __version__, "model": config}
+                        (tmp / CONFIG_FILE).write_text(json.dumps(model_dir, indent=2))
+                    for r, s in enumerate(rngs):
+                        (tmp / _rng_file(r)).write_text(json.dumps(s))
+                    self._write_state(tmp, info)
+
+                atomic_write_dir(target, write)
+                self._publish(target)
+            except BaseException as e:
+                error = e
+        self._collective(error is None, error, f"saving {target}")
+
+    def _save_sharded(self, target, model, optimizer, info, extra, rng) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        flat: dict[str, torch.Tensor] = {}
+        if _has_state(optimizer):
+            msd, osd = get_state_dict(model, optimizer)
+            optim_skeleton = _encode(osd, ["optim"], flat)
+        else:
+            msd = get_model_state_dict(model)
+            optim_skeleton = _encode(optimizer.state_dict(), ["optimizer"], extra) if optimizer is not None else None
+        for k, v in msd.items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(f"model state {k!r} is a {type(v).__name__}; only tensors can be sharded")
+            flat[f"model.{k}"] = v
+
+        staging = self.directory / f".{target.name}.partial"
+        error = None
+        if self.rank == 0:
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except BaseException as e:
+                error = e
+        self._collective(error is None, error, f"preparing {staging}")
+
+        with _single_process_dcp_ok():
+            dcp.save(flat, storage_writer=dcp.FileSystemWriter(str(staging)))
+        try:
+            _write_synced(staging / _rng_file(self.rank), json.dumps(rng))
+        except BaseException as e:
+            error = e
+        self._collective(error is None, error, f"writing RNG state to {staging}")
+
+        if self.rank == 0:
+            try:
+                info["optimizer"] = optim_skeleton
+                info["param_names"] = None
+
+                def adopt(tmp: Path) -> None:
+                    # Shards were written by every rank into `staging`; moving them keeps the one rename that
+                    # publishes the directory, done by atomic_write_dir.
+                    for f in staging.iterdir():
+                        os.replace(f, tmp / f.name)
+                    if extra:
+                        _save_tensors(extra, tmp / EXTRA_FILE)
+                    self._write_state(tmp, info)
+
+                atomic_write_dir(target, adopt)
+                shutil.rmtree(staging, ignore_errors=True)
+                self._publish(target)
+            except BaseException as e:
+                error = e
+        self._collective(error is None, error, f"saving {target}")
+
+    def _write_state(self, tmp: Path, info: dict) -> None:
+        """The marker goes last: it lists every other file with its size."""
+        # mkdtemp makes the directory private (0700); other readers of the run (eval jobs, colleagues) need the
+        # permissions the run directory itself was given.
+        os.chmod(tmp, self.directory.stat().st_mode & 0o777)
+        info["files"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / STATE_FILE).write_text(json.dumps(info, indent=1))
+
+    def _publish(self, target: Path) -> None:
+        """Point ``latest`` at a complete, fsynced ``target`` (by rename), then prune."""
+        tmp = self.directory / f".latest.tmp-{os.getpid()}"
+        _write_synced(tmp, target.name + "\n")
+        os.replace(tmp, self.directory / LATEST_FILE)
+        _fsync_dir(self.directory)
+        try:
+            self._prune()
+        except OSError as e:  # the new checkpoint is safe; an old one lingering is not worth failing the run for
+            log.warning("pruning %s failed: %s", self.directory, e)
+
+    def _prune(self) -> None:
+        latest = self._pointer()
+        complete = self.checkpoints()
+        if self.keep_last > 0:
+            for path in complete[: -self.keep_last]:
+                if path.name != latest:
+                    # Rename first, so an interrupted delete leaves a leftover, not a half checkpoint under its name.
+                    doomed = path.with_name(f".{path.name}.deleting")
+                    os.replace(path, doomed)
+                    shutil.rmtree(doomed, ignore_errors=True)
+        for p in self.directory.iterdir():
+            m = _LEFTOVER.fullmatch(p.name)
+            if m is None:
+                continue
+            if m.group(2) and m.group(2).startswith("old-") and not _is_complete(self.directory / m.group(1)):
+                continue  # the only copy of a checkpoint whose re-save was interrupted between two renames
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- loading
+
+    def load(
+        self,
+        path: str | Path | None,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> dict:
+        """Restore model, optimizer, scheduler and this rank's RNG states from a checkpoint.
+
+        Collective for sharded checkpoints. Shapes are checked before anything is copied, so a mismatch leaves the
+        model untouched. Either format loads into plain, DDP, compiled or FSDP2/TP models (sharded checkpoints
+        reshard across world sizes; per-rank RNG states are restored only where the rank existed at save time).
+
+        Args:
+            path: a checkpoint directory (absolute, or a name inside the manager's directory), or None /
+                ``"latest"`` for :meth:`latest`.
+            model: the model to load into.
+            optimizer: its optimizer (required to hold the same parameters in the same order), or None to skip.
+            scheduler: the scheduler to restore, or None to skip.
+
+        Returns:
+            The ``state`` dict given to :meth:`save`.
+
+        Raises:
+            FileNotFoundError: ``latest`` was asked for and there is no complete checkpoint.
+            CheckpointError: the checkpoint is incomplete (naming the missing file), foreign, or does not fit the
+                model (naming the parameter).
+        """
+        path = self._resolve(path)
+        info = _read_train_state(path)
+        self._distributed()
+        target_model = _unwrap(model)
+        if optimizer is not None and info.get("optimizer") is None:
+            raise CheckpointError(f"{path}: holds no optimizer state")
+        if scheduler is not None and info.get("scheduler") is None:
+            raise CheckpointError(f"{path}: holds no scheduler state")
+        extra = _read_tensors(path / EXTRA_FILE) if EXTRA_FILE in info["files"] else {}
+        if optimizer is not None:
+            _check_optimizer_fits(path, info.get("param_names"), _param_names(target_model, optimizer))
+        stateless = None
+        if optimizer is not None and not info["optimizer"].get("state"):
+            # Saved before the first step: plain load_state_dict, never DCP's helpers (see _has_state).
+            stateless, optimizer = optimizer, None
+        if info["kind"] == "sharded":
+            self._load_sharded(path, info, target_model, optimizer)
+        else:
+            self._load_single(path, info, target_model, optimizer)
+        if stateless is not None:
+            tensors = _read_tensors(path / OPTIM_FILE) if OPTIM_FILE in info["files"] else {}
+            stateless.load_state_dict(_decode(info["optimizer"], {**extra, **tensors}))
+        if scheduler is not None:
+            scheduler.load_state_dict(_decode(info["scheduler"], extra))
+        rng_file = path / _rng_file(self.rank)
+        if rng_file.is_file():
+            restore_rng_state(json.loads(rng_file.read_text()))
+        else:
+            warnings.warn(f"{path}: no RNG state for rank {self.rank}; random streams will differ", stacklevel=2)
+        return _decode(info["state"], extra)
+
+    def _load_single(self, path: Path, info: dict, model: nn.Module, optimizer) -> None:
+        weights = _read_tensors(path / MODEL_FILE)
+        current = model.state_dict()
+        clean_to_actual = {k.replace("_orig_mod.", ""): k for k in current}
+        _check_model_fits(
+            path, {k: v.shape for k, v in weights.items()}, {c: current[a].shape for c, a in clean_to_actual.items()}
+        )
+        osd = None
+        if optimizer is not None:
+            osd = _decode(info["optimizer"], _read_tensors(path / OPTIM_FILE))
+        if _has_dtensor(model):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, weights, options=full)
+            if osd is not None:
+                set_optimizer_state_dict(model, optimizer, _index_to_fqn(osd, info["param_names"], path), options=full)
+            return
+        model.load_state_dict({clean_to_actual[k]: v for k, v in weights.items()})
+        if osd is not None:
+            optimizer.load_state_dict(osd)
+
+    def _load_sharded(self, path: Path, info: dict, model: nn.Module, optimizer) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
+        reader = _safe_reader(path)
+        saved = reader.read_metadata().state_dict_metadata
+        if optimizer is not None:
+            msd, osd = get_state_dict(model, optimizer)
+        else:
+            msd, osd = get_model_state_dict(model), None
+        saved_model = {k[len("model.") :]: md.size for k, md in saved.items() if k.startswith("model.")}
+        _check_model_fits(path, saved_model, {k: v.shape for k, v in msd.items()})
+        flat = {f"model.{k}": v for k, v in msd.items()}
+        if osd is not None:
+            _encode(osd, ["optim"], flat)
+            missing = sorted(k for k in flat if k not in saved)
+            if missing:
+                raise CheckpointError(f"{path}: optimizer state missing from the checkpoint: {missing[:5]}")
+        with _single_process_dcp_ok():
+            # DCP copies into `flat`'s tensors in place: the (sharded) parameters and optimizer state themselves.
+            dcp.load(flat, storage_reader=reader, planner=_tensor_only_planner())
+        if osd is None:
+            set_model_state_dict(model, msd)
+            return
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=_decode(info["optimizer"], flat))
