@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +60,33 @@ def make_features(case, gen):
     return x, y
 
 
+def _cpu_bench(fn):
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _tuning(enabled):
+    """Turns the kernels' own autotuner on with a CPU timer and two candidates per kernel (interpreter tiles)."""
+    from vlkit.losses import _fused_kernels as k
+
+    if not hasattr(k, "_orig_candidates"):
+        k._orig_candidates = k.candidates
+    k.AUTOTUNE = enabled
+    k.BENCH = _cpu_bench if enabled else None
+    k.TUNED.clear()
+    if enabled:
+        # A wide-N and a tall-M tile, so the chosen shape changes partial-buffer and d(scale) sizes.
+        k.candidates = lambda kernel, nbytes: [k._meta(32, 64, 32, 4, 1), k._meta(64, 32, 64, 4, 1)]
+    else:
+        k.candidates = k._orig_candidates
+
+
 def run_case(case):
+    from vlkit.losses import _fused_kernels as k
     from vlkit.losses.fused import FusedPlan, fused_contrastive_loss
 
+    _tuning(case.get("tune", False))
     gen = torch.Generator().manual_seed(case.get("seed", 0))
     dtype = DTYPES[case["dtype"]]
     x64, y64 = make_features(case, gen)
@@ -96,6 +121,8 @@ def run_case(case):
     got = {"loss": loss.detach(), "dx": x.grad, "dy": y.grad, "dscale": getattr(scale, "grad", None)}
     present = [t for t in got.values() if t is not None]
     out = {"finite": all(bool(torch.isfinite(t).all()) for t in present), "dtypes": {}}
+    out["tuned"] = sorted(key[0] for key in k.TUNED)
+    _tuning(False)
     for (name, g), r in zip(got.items(), ref):
         if g is None:
             continue

@@ -76,6 +76,12 @@ def _cases() -> list[dict]:
                 {"id": f"edge-{features}-{dtype}", "B": 100, "D": 64, "scale": 100.0, "dtype": dtype}
                 | {"features": features, "degenerate": True, "plan": {"gemm": "triton", **SPLIT}}
             )
+    # The autotuner's plumbing: tile shapes chosen at run time must size the partial buffers consistently.
+    for dtype, gemm in (("fp32", "triton"), ("bf16", "triton")):
+        cases.append(
+            {"id": f"autotune-{dtype}", "B": 100, "D": 64, "scale": 14.3, "dtype": dtype, "tune": True}
+            | {"plan": {"gemm": gemm, **SPLIT}}
+        )
     cases.append({"id": "noncontig-fp32", "B": 64, "D": 64, "scale": 14.3, "dtype": "fp32", "noncontig": True})
     cases.append({"id": "noncontig-bf16", "B": 100, "D": 130, "scale": 14.3, "dtype": "bf16", "noncontig": True})
     cases.append({"id": "grad-x-only", "B": 100, "D": 64, "scale": 14.3, "dtype": "bf16", "requires": ["x"]})
@@ -143,6 +149,8 @@ def test_fused_matches_float64_reference(fused_results, case):
     requires = case.get("requires", ["x", "y", "scale"])
     expected = {"loss"} | {n for n, r in (("dx", "x"), ("dy", "y"), ("dscale", "scale")) if r in requires}
     assert set(res["dtypes"]) == expected
+    if case.get("tune"):
+        assert set(res["tuned"]) == {"ds", "fwd", "gemm"}
     for name in sorted(expected):
         err, ref = res[name]["abs"], res[name]["ref"]
         bound = rtol * ref + atol

@@ -20,15 +20,20 @@ Kernels:
 * ``_acc_gemm_kernel``: ``C (fp32) += A @ B`` with arbitrary strides, used for ``dX += dS @ Y`` and
   ``dY += dS^T @ X`` when cuBLAS is not used.
 
-The forward and ``dS`` kernels must compute bit-identical logits (the target logit of the forward must equal the
-backward's, or ``z - m`` is off by an ulp of ``|z|``), so they share ``_tile_dot`` and a ``BLOCK_K`` that is fixed
-per dtype rather than autotuned.
+The backward does not rely on recomputing bit-identical logits (its tile shape may differ from the forward's): at
+the target entries, where ``P ~ 1`` and the bracket ``P - 1`` cancels, it uses the forward's per-pair losses
+``d = lse - z_target`` instead, ``P = 2^-d``.
+
+Tile shapes are chosen per problem by :func:`choose` (a small autotuner of our own: Triton's would leave stale
+partials behind when configs with different tile counts write the same buffers, and its API differs across the
+Triton versions we support).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import triton
 import triton.language as tl
@@ -44,17 +49,7 @@ _NEG = tl.constexpr(NEG)
 # 2^(z - tile_max) is then >= 2^-100, far above fp32's smallest normal, so nothing underflows.
 _FAST_RANGE = tl.constexpr(100.0)
 
-# Forward and dS tiles are fixed rather than autotuned: the partial buffers (forward) and the per-tile d(scale)
-# slots (backward) are sized from them, and an autotuner that could change the tile count between its benchmark
-# runs and the real run would leave stale partials behind.
-TILE_M = 64 if INTERPRET else 128
-TILE_N = 64 if INTERPRET else 128
 MERGE_BLOCK = 128 if INTERPRET else 1024
-
-
-def tile_block_k(dtype_bytes: int) -> int:
-    """The K step shared by the forward and dS kernels (see the module docstring): 128 bytes of each row per step."""
-    return 64 if INTERPRET else 128 // dtype_bytes
 
 
 @triton.jit
@@ -239,6 +234,8 @@ def _ds_kernel(
     col_m_ptr,
     col_l_ptr,
     tgt_ptr,
+    d_row_ptr,
+    d_col_ptr,
     ds_ptr,
     dscale_part_ptr,
     row0,
@@ -260,11 +257,12 @@ def _ds_kernel(
 ):
     """One tile of ``dS = beta * (2^(z - m_r - l_r) + 2^(z - m_c - l_c) - 2 [col == target(row)])``.
 
-    ``(m, l)`` are each row's / column's max logit and ``log2 sum 2^(z - m)``. ``x_ptr``, ``y_ptr``, the LSE
-    pointers, ``tgt_ptr`` and ``ds_ptr`` point at the block's first row/column; ``row0``/``col0`` are its global
-    offsets, needed only to find the diagonal. ``l_c`` may be ``+inf`` (a column nobody targets), which correctly
-    gives a zero column term. The tile's ``sum(bracket * <x, y>)`` goes to ``dscale_part[pid]`` (deterministic,
-    unlike an atomic scalar).
+    ``(m, l)`` are each row's / column's max logit and ``log2 sum 2^(z - m)``; at a target entry the bracket is
+    ``(2^-d_row - 1) + (2^-d_col - 1)`` from the pair's forward losses ``d`` (see the module docstring). The row
+    pointers (``x``, LSEs, ``tgt``, ``d_*``) start at the block's first row, the column ones at its first column;
+    ``row0``/``col0`` are the global offsets, needed only to find the diagonal. ``l`` may be ``+inf`` (a column
+    nobody targets, an ignored row), which correctly drops that term. The tile's ``sum(bracket * <x, y>)`` goes to
+    ``dscale_part[pid]`` (deterministic, unlike an atomic scalar).
     """
     pid = tl.program_id(0)
     pid_m, pid_n = _swizzle(pid, n_rows, n_cols, BLOCK_M, BLOCK_N, GROUP_M)
@@ -279,15 +277,15 @@ def _ds_kernel(
     l_r = tl.load(row_l_ptr + rows)
     m_c = tl.load(col_m_ptr + cols)
     l_c = tl.load(col_l_ptr + cols)
-    # (z - m) first: exact near the maximum, where P ~ 1 and the bracket below cancels.
     p = tl.exp2((z - m_r[:, None]) - l_r[:, None]) + tl.exp2((z - m_c[None, :]) - l_c[None, :])
     if HAS_LABELS:
         tgt = tl.load(tgt_ptr + rows)
     else:
         tgt = row0 + rows
     # The -2 is folded in before rounding dS to the feature dtype: near convergence P ~ 1 at the target and the
-    # difference is small, so subtracting after a bf16 round-trip would lose it.
-    p = tl.where((col0 + cols)[None, :] == tgt[:, None], p - 2.0, p)
+    # difference is small, so subtracting after a bf16 round-trip (or from a recomputed P) would lose it.
+    p_tgt = (tl.exp2(-tl.load(d_row_ptr + rows)) - 1.0) + (tl.exp2(-tl.load(d_col_ptr + rows)) - 1.0)
+    p = tl.where((col0 + cols)[None, :] == tgt[:, None], p_tgt[:, None], p)
     valid = (offs_m < n_rows)[:, None] & (offs_n < n_cols)[None, :]
     p = tl.where(valid, p, 0.0)
     tl.store(dscale_part_ptr + pid, tl.sum(tl.sum(p * acc, 1), 0))
@@ -346,47 +344,90 @@ def _acc_gemm_kernel(
     tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)
 
 
-def _tile_configs() -> list[triton.Config]:
-    # BLOCK_M/BLOCK_N/BLOCK_K are fixed (see TILE_M and tile_block_k); 8 warps keep the 128x128 fp32 accumulator at
-    # 64 registers per thread so two CTAs can share an SM and hide each other's exponential-heavy epilogue.
-    return [
-        triton.Config({"GROUP_M": 8}, num_warps=warps, num_stages=stages)
-        for warps, stages in ((8, 3), (8, 4), (8, 2), (4, 3), (4, 4))
-    ]
-
-
-def _gemm_configs() -> list[triton.Config]:
-    out = []
-    for bm, bn, bk, warps, stages in (
-        (128, 128, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-    ):
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-        out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return out
-
-
-if INTERPRET:
-    fwd_kernel = _fwd_kernel
-    ds_kernel = _ds_kernel
-    acc_gemm_kernel = _acc_gemm_kernel
-else:
-    # Keyed on D and the dtypes (which the autotuner adds itself): the best schedule does not depend on B.
-    fwd_kernel = triton.autotune(configs=_tile_configs(), key=["D"])(_fwd_kernel)
-    ds_kernel = triton.autotune(configs=_tile_configs(), key=["D"])(_ds_kernel)
-    # The benchmark runs accumulate into C, so it is restored after each; edge blocks (other M/K) tune separately.
-    acc_gemm_kernel = triton.autotune(
-        configs=_gemm_configs(), key=["M", "N", "K", "stride_am", "stride_ak"], restore_value=["c_ptr"]
-    )(_acc_gemm_kernel)
-lse_merge_kernel = _lse_merge_kernel
-
-
-def interp_meta(**extra) -> dict:
-    """Launch meta-parameters used in place of autotuning when interpreting (they must match the configs' keys)."""
-    meta = {"num_warps": 4, "num_stages": 1}
-    meta.update(extra)
+def _meta(bm, bn, bk, warps, stages, maxnreg=None) -> dict:
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+    if maxnreg is not None:
+        # Caps registers so two CTAs share an SM and one's exponential-heavy epilogue hides behind the other's MMAs
+        # (ptxas, sm_90: the 128x128 forward fits 128 registers without spilling; the dS kernel spills a little).
+        meta["maxnreg"] = maxnreg
     return meta
+
+
+def candidates(kernel: str, dtype_bytes: int) -> list[dict]:
+    """Launch configurations tried by :func:`choose`; the first is the default when not tuning."""
+    if INTERPRET:
+        # Few, large programs: the interpreter's cost is per program and per op, not per element.
+        return [_meta(64, 64, 64, 4, 1)]
+    if dtype_bytes == 4:
+        # IEEE fp32 dots run on the FMA pipes; the exactness path, not the fast one.
+        return [_meta(128, 128, 32, 8, 3), _meta(64, 128, 32, 4, 3), _meta(128, 64, 32, 4, 3)]
+    if kernel == "fwd":
+        return [
+            _meta(128, 128, 64, 8, 3, 128),
+            _meta(128, 128, 64, 8, 3),
+            _meta(64, 128, 64, 4, 3, 128),
+            _meta(128, 64, 64, 4, 3, 128),
+            _meta(128, 128, 64, 8, 4),
+        ]
+    if kernel == "ds":
+        return [
+            _meta(128, 128, 64, 8, 3),
+            _meta(128, 128, 64, 8, 3, 128),
+            _meta(128, 64, 64, 4, 3),
+            _meta(128, 64, 64, 4, 3, 128),
+            _meta(64, 128, 64, 4, 3),
+        ]
+    # gemm: C[M, N] += A[M, K] @ B[K, N], N = D. (ptxas, sm_90: 128x256, 256x128 and 4-warp 128x128 tiles spill.)
+    return [_meta(128, 128, 64, 8, 3), _meta(128, 128, 64, 8, 4), _meta(64, 128, 64, 4, 4)]
+
+
+# Tuning compiles and times every candidate on first use of a problem shape (seconds each); VLKIT_FUSED_AUTOTUNE=0,
+# or assigning AUTOTUNE at run time, launches the first candidate instead. Off by default when interpreting.
+AUTOTUNE = not INTERPRET and os.environ.get("VLKIT_FUSED_AUTOTUNE", "1") != "0"
+# key -> (chosen meta, {candidate index: median ms or error}); read by the benchmark script.
+TUNED: dict[tuple, tuple[dict, dict]] = {}
+# Times a zero-argument callable in ms; None means triton.testing.do_bench (tests substitute a CPU timer).
+BENCH: Callable[[Callable[[], None]], float] | None = None
+
+
+def _do_bench(fn: Callable[[], None]) -> float:
+    if BENCH is not None:
+        return BENCH(fn)
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def choose(kernel: str, key: tuple, cands: list[dict], trial: Callable[[dict], None]) -> dict:
+    """The fastest of ``cands`` for ``key``, timing ``trial(meta)`` (which must only write scratch) once per process.
+
+    Args:
+        kernel: Kernel name, part of the cache key.
+        key: What the best configuration depends on (dtype, D, problem shape class).
+        cands: Candidate meta-parameter dicts (as from :func:`candidates`).
+        trial: Launches the kernel once with the given meta on representative inputs, writing scratch outputs.
+
+    Returns:
+        The chosen meta dict (the first candidate when :data:`AUTOTUNE` is off).
+    """
+    if not AUTOTUNE:
+        return cands[0]
+    full_key = (kernel, *key)
+    if full_key not in TUNED:
+        times = {}
+        for i, meta in enumerate(cands):
+            try:
+                times[i] = _do_bench(lambda m=meta: trial(m))
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is just not chosen
+                times[i] = f"{type(e).__name__}: {str(e)[:200]}"
+        ok = {i: t for i, t in times.items() if isinstance(t, float)}
+        if not ok:
+            raise RuntimeError(f"no {kernel} kernel configuration could run: {times}")
+        TUNED[full_key] = (cands[min(ok, key=ok.get)], times)
+    return TUNED[full_key][0]
+
+
+fwd_kernel = _fwd_kernel
+ds_kernel = _ds_kernel
+acc_gemm_kernel = _acc_gemm_kernel
+lse_merge_kernel = _lse_merge_kernel

@@ -108,52 +108,36 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def _tile_meta(k, x: torch.Tensor, D: int) -> dict:
-    """Constexprs shared by the forward and dS kernels; identical values keep their logits bit-identical."""
-    block_k = k.tile_block_k(x.element_size())
-    meta = {
-        "BLOCK_M": k.TILE_M,
-        "BLOCK_N": k.TILE_N,
-        "BLOCK_K": block_k,
+def _flags(x: torch.Tensor, D: int, block_k: int) -> dict:
+    k = _kernels()
+    return {
         "EVEN_K": D % block_k == 0,
         "IEEE": x.dtype == torch.float32,
         "UPCAST": k.INTERPRET and x.dtype == torch.bfloat16,
     }
-    if k.INTERPRET:
-        # In place of the autotuner (whose configs only hold GROUP_M and the launch shape).
-        meta.update(k.interp_meta(GROUP_M=8))
-    return meta
 
 
 def _forward_stats(x, y, scale, labels, plan: FusedPlan):
     """Row and column ``(max, log2 sum 2^(z - max))`` of ``z = S * log2(e)`` and the target logits ``z[i, t_i]``."""
     k = _kernels()
     (N, D), M = x.shape, y.shape[0]
-    bm, bn = k.TILE_M, k.TILE_N
-    if plan.fwd_rows is None:
-        # Two floats per partial: 2 * ((rows / bm) * M + (M / bn) * rows) <= budget.
-        rows = int(_FWD_PARTIAL_FLOATS / (2 * (M / bm + M / bn)))
-    else:
-        rows = plan.fwd_rows
-    rows = min(max(bm, rows // bm * bm), _round_up(N, bm))
-    n_tiles_n = _cdiv(M, bn)
     dev, f32 = x.device, torch.float32
-    row_part = torch.empty(2, n_tiles_n * min(rows, N), device=dev, dtype=f32)
-    col_part = torch.empty(2, _cdiv(min(rows, N), bm) * M, device=dev, dtype=f32)
-    row_m = torch.full((N,), k.NEG, device=dev, dtype=f32)
-    col_m = torch.full((M,), k.NEG, device=dev, dtype=f32)
-    row_s = torch.zeros(N, device=dev, dtype=f32)
-    col_s = torch.zeros(M, device=dev, dtype=f32)
+    has_labels = labels is not None
     # Zeros, not empty: rows with a negative label never get a target logit (and are masked out of the loss).
     zt = torch.zeros(N, device=dev, dtype=f32)
-    meta = _tile_meta(k, x, D)
-    tgt = labels if labels is not None else zt  # a dummy pointer when HAS_LABELS is False
-    for r0 in range(0, N, rows):
-        nr = min(rows, N - r0)
-        n_tiles_m = _cdiv(nr, bm)
-        rp = row_part[:, : n_tiles_n * nr].view(2, n_tiles_n, nr)
-        cp = col_part[:, : n_tiles_m * M].view(2, n_tiles_m, M)
-        k.fwd_kernel[(n_tiles_m * n_tiles_n,)](
+    tgt = labels if has_labels else zt  # a dummy pointer when HAS_LABELS is False
+
+    def panel_rows(bm: int, bn: int) -> int:
+        if plan.fwd_rows is None:
+            # Two floats per partial: 2 * ((rows / bm) * M + (M / bn) * rows) <= budget.
+            rows = int(_FWD_PARTIAL_FLOATS / (2 * (M / bm + M / bn)))
+        else:
+            rows = plan.fwd_rows
+        return min(max(bm, rows // bm * bm), _round_up(N, bm))
+
+    def launch(meta: dict, r0: int, nr: int, rp: torch.Tensor, cp: torch.Tensor, zt_out: torch.Tensor) -> None:
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        k.fwd_kernel[(_cdiv(nr, bm) * _cdiv(M, bn),)](
             x[r0:],
             y,
             scale,
@@ -162,7 +146,7 @@ def _forward_stats(x, y, scale, labels, plan: FusedPlan):
             rp[1],
             cp[0],
             cp[1],
-            zt[r0:],
+            zt_out[r0:],
             r0,
             nr,
             M,
@@ -171,9 +155,37 @@ def _forward_stats(x, y, scale, labels, plan: FusedPlan):
             y.stride(0),
             rp.stride(1),
             cp.stride(1),
-            HAS_LABELS=labels is not None,
+            HAS_LABELS=has_labels,
+            **_flags(x, D, meta["BLOCK_K"]),
             **meta,
         )
+
+    def partials(meta: dict, nr: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+        rp = torch.empty(2, _cdiv(M, bn), nr, device=dev, dtype=f32)
+        cp = torch.empty(2, _cdiv(nr, bm), M, device=dev, dtype=f32)
+        return rp, cp
+
+    def trial(meta: dict) -> None:
+        nr = min(panel_rows(meta["BLOCK_M"], meta["BLOCK_N"]), N)
+        launch(meta, 0, nr, *partials(meta, nr), torch.empty_like(zt))
+
+    key = (x.dtype, D, has_labels, N >= 8192 and M >= 8192)
+    meta = k.choose("fwd", key, k.candidates("fwd", x.element_size()), trial)
+    bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
+    rows = panel_rows(bm, bn)
+    row_part, col_part = partials(meta, min(rows, N))
+    row_m = torch.full((N,), k.NEG, device=dev, dtype=f32)
+    col_m = torch.full((M,), k.NEG, device=dev, dtype=f32)
+    row_s = torch.zeros(N, device=dev, dtype=f32)
+    col_s = torch.zeros(M, device=dev, dtype=f32)
+    for r0 in range(0, N, rows):
+        nr = min(rows, N - r0)
+        n_tiles_m, n_tiles_n = _cdiv(nr, bm), _cdiv(M, bn)
+        # Views of the first panel's buffers sized for this (possibly shorter, last) panel.
+        rp = row_part.view(2, -1)[:, : n_tiles_n * nr].view(2, n_tiles_n, nr)
+        cp = col_part.view(2, -1)[:, : n_tiles_m * M].view(2, n_tiles_m, M)
+        launch(meta, r0, nr, rp, cp, zt)
         blk = k.MERGE_BLOCK
         k.lse_merge_kernel[(_cdiv(nr, blk),)](
             rp[0], rp[1], row_m[r0:], row_s[r0:], n_tiles_n, nr, rp.stride(1), BLOCK=blk
@@ -228,20 +240,29 @@ def _triton_acc(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     M, K = a.shape
     N = b.shape[1]
     flags = {"IEEE": a.dtype == torch.float32, "UPCAST": k.INTERPRET and a.dtype == torch.bfloat16}
-    if k.INTERPRET:
-        meta = k.interp_meta(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
-        flags["EVEN_K"] = K % 64 == 0
-        grid = (_cdiv(M, 64) * _cdiv(N, 64),)
-    else:
-        meta = {}
-        flags["EVEN_K"] = K % 64 == 0  # every configured BLOCK_K (32, 64) divides 64
 
-        def grid(m):
-            return (_cdiv(M, m["BLOCK_M"]) * _cdiv(N, m["BLOCK_N"]),)
+    def launch(meta: dict, out: torch.Tensor) -> None:
+        k.acc_gemm_kernel[(_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)](
+            a,
+            b,
+            out,
+            M,
+            N,
+            K,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            out.stride(0),
+            EVEN_K=K % meta["BLOCK_K"] == 0,
+            **flags,
+            **meta,
+        )
 
-    k.acc_gemm_kernel[grid](
-        a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), **flags, **meta
-    )
+    cands = k.candidates("gemm", a.element_size())
+    # A accumulating trial must not touch the real C: it runs on a copy.
+    meta = k.choose("gemm", (a.dtype, M, N, K, a.stride(0) == 1), cands, lambda m: launch(m, c.clone()))
+    launch(meta, c)
 
 
 def _resolve_gemm(plan: FusedPlan, device: torch.device) -> str:
@@ -256,10 +277,11 @@ def _resolve_gemm(plan: FusedPlan, device: torch.device) -> str:
 def _backward(x, y, scale, labels, stats, coef, plan, need_x, need_y):
     """Gradients ``(dX, dY, d_scale)``.
 
-    ``stats = (row_m, row_l, col_m, col_l)``: per row / column the max logit and ``log2 sum 2^(z - max)``, with the
-    label multiplicities and ignored rows already folded into ``l``; ``coef = grad_output / (2N)`` (a device scalar).
+    ``stats = (row_m, row_l, col_m, col_l, d_row, d_col)``: per row / column the max logit and ``log2 sum 2^(z -
+    max)``, and per pair the two forward losses (log2 units), with the label multiplicities and ignored rows already
+    folded in; ``coef = grad_output / (2N)`` (a device scalar).
     """
-    row_m, row_l, col_m, col_l = stats
+    row_m, row_l, col_m, col_l, d_row, d_col = stats
     k = _kernels()
     (N, D), M = x.shape, y.shape[0]
     dtype, device = x.dtype, x.device
@@ -299,11 +321,47 @@ def _backward(x, y, scale, labels, stats, coef, plan, need_x, need_y):
     if need_y:
         dy_acc = torch.zeros(M, D, device=device, dtype=torch.float32)
     ds_buf = torch.empty(rows, cols, device=device, dtype=dtype)
-    tiles = _cdiv(rows, k.TILE_M) * _cdiv(cols, k.TILE_N)
-    dscale_part = torch.zeros(_cdiv(N, rows) * _cdiv(M, cols) * tiles, device=device, dtype=torch.float32)
+    has_labels = labels is not None
+    tgt = labels if has_labels else row_m  # a dummy pointer when HAS_LABELS is False
 
-    meta = _tile_meta(k, x, D)
-    tgt = labels if labels is not None else row_m  # a dummy pointer when HAS_LABELS is False
+    def launch(meta, r0, c0, nr, nc, ds, dscale_out):
+        k.ds_kernel[(_cdiv(nr, meta["BLOCK_M"]) * _cdiv(nc, meta["BLOCK_N"]),)](
+            x[r0:],
+            y[c0:],
+            scale,
+            beta,
+            row_m[r0:],
+            row_l[r0:],
+            col_m[c0:],
+            col_l[c0:],
+            tgt[r0:],
+            d_row[r0:],
+            d_col[r0:],
+            ds,
+            dscale_out,
+            r0,
+            c0,
+            nr,
+            nc,
+            D,
+            x.stride(0),
+            y.stride(0),
+            ds.stride(0),
+            HAS_LABELS=has_labels,
+            **_flags(x, D, meta["BLOCK_K"]),
+            **meta,
+        )
+
+    def trial(meta):
+        # The first block, into the real dS buffer (overwritten below anyway) and a scratch d(scale) buffer.
+        nr, nc = min(rows, N), min(cols, M)
+        tiles = _cdiv(nr, meta["BLOCK_M"]) * _cdiv(nc, meta["BLOCK_N"])
+        launch(meta, 0, 0, nr, nc, ds_buf[:nr, :nc], torch.empty(tiles, device=device, dtype=torch.float32))
+
+    key = (dtype, D, has_labels, rows >= 8192 and cols >= 8192)
+    meta = k.choose("ds", key, k.candidates("ds", x.element_size()), trial)
+    tiles = _cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"])
+    dscale_part = torch.zeros(_cdiv(N, rows) * _cdiv(M, cols) * tiles, device=device, dtype=torch.float32)
     block = 0
     for r0 in range(0, N, rows):
         nr = min(rows, N - r0)
@@ -314,29 +372,7 @@ def _backward(x, y, scale, labels, stats, coef, plan, need_x, need_y):
         for c0 in range(0, M, cols):
             nc = min(cols, M - c0)
             ds = ds_buf[:nr, :nc]
-            k.ds_kernel[(_cdiv(nr, k.TILE_M) * _cdiv(nc, k.TILE_N),)](
-                x[r0:],
-                y[c0:],
-                scale,
-                beta,
-                row_m[r0:],
-                row_l[r0:],
-                col_m[c0:],
-                col_l[c0:],
-                tgt[r0:],
-                ds,
-                dscale_part[block * tiles :],
-                r0,
-                c0,
-                nr,
-                nc,
-                D,
-                x.stride(0),
-                y.stride(0),
-                ds.stride(0),
-                HAS_LABELS=labels is not None,
-                **meta,
-            )
+            launch(meta, r0, c0, nr, nc, ds, dscale_part[block * tiles :])
             block += 1
             if need_x:
                 acc(dxa, ds, y[c0 : c0 + nc])
@@ -359,21 +395,23 @@ class _FusedContrastiveLoss(torch.autograd.Function):
         with _device_guard(x.device):
             row_m, row_l, col_m, col_l, zt = _forward_stats(x, y, scale, labels, plan)
         # Per-pair losses in log2 units: (max - target) is exactly 0 when the target is the max, leaving log2 sum.
+        d_row = (row_m - zt) + row_l
         if labels is None:
-            per_pair = ((row_m - zt) + row_l) + ((col_m - zt) + col_l)
+            d_col = (col_m - zt) + col_l
         else:
-            valid = labels >= 0
             t = labels.clamp(min=0)
-            per_pair = ((row_m - zt) + row_l) + ((col_m[t] - zt) + col_l[t])
-            per_pair = torch.where(valid, per_pair, torch.zeros_like(per_pair))
-        loss = per_pair.sum() * (_kernels().LN2 / (2 * N))
-        ctx.save_for_backward(x, y, scale, labels, row_m, row_l, col_m, col_l)
+            d_col = (col_m[t] - zt) + col_l[t]
+            valid = labels >= 0
+            d_row = torch.where(valid, d_row, torch.zeros_like(d_row))
+            d_col = torch.where(valid, d_col, torch.zeros_like(d_col))
+        loss = (d_row + d_col).sum() * (_kernels().LN2 / (2 * N))
+        ctx.save_for_backward(x, y, scale, labels, row_m, row_l, col_m, col_l, d_row, d_col)
         ctx.plan = plan
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, scale, labels, row_m, row_l, col_m, col_l = ctx.saved_tensors
+        x, y, scale, labels, row_m, row_l, col_m, col_l, d_row, d_col = ctx.saved_tensors
         need_x, need_y, need_s = ctx.needs_input_grad[:3]
         if not (need_x or need_y or need_s):
             return None, None, None, None, None
@@ -385,10 +423,11 @@ class _FusedContrastiveLoss(torch.autograd.Function):
             valid = labels >= 0
             counts = torch.bincount(labels[valid], minlength=M).to(torch.float32)
             col_l = col_l - torch.log2(counts)
+            d_col = d_col - torch.log2(counts[labels.clamp(min=0)])
             row_l = torch.where(valid, row_l, torch.full_like(row_l, math.inf))
         coef = grad_out.float().reshape(()) / (2 * N)
         with _device_guard(x.device):
-            stats = (row_m, row_l, col_m, col_l)
+            stats = (row_m, row_l, col_m, col_l, d_row, d_col)
             dx, dy, dscale = _backward(x, y, scale, labels, stats, coef, ctx.plan, need_x, need_y)
         return dx, dy, (dscale if need_s else None), None, None
 

@@ -44,6 +44,7 @@ def _parse(argv):
     p.add_argument("--gemms", default="cublas,triton", help="fused GEMM backends to benchmark")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile naive baseline")
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--no-autotune", action="store_true", help="benchmark the fixed default configs (faster to run)")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per impl (ms)")
     return p.parse_args(argv)
 
@@ -294,10 +295,7 @@ def run_bench(args, device, dtype, D):
             rows.append(_finish_row(_bench_one("naive fp32", naive_loss, xf, yf, s, device, args.rep_ms), B, D, flops))
             del xf, yf
         gc.collect()
-    best = {}
-    if not kern.INTERPRET:
-        for name in ("fwd_kernel", "ds_kernel", "acc_gemm_kernel"):
-            best[name] = str(getattr(getattr(kern, name), "best_config", None))
+    best = {" ".join(map(str, key)): {"chosen": meta, "ms": times} for key, (meta, times) in kern.TUNED.items()}
     return rows, best
 
 
@@ -350,9 +348,17 @@ def main(argv=None) -> int:
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
     print("environment:", json.dumps(env))
+    from vlkit.losses import _fused_kernels as kern
+
     t0 = time.time()
+    # Checks run the fixed default configs: autotuning every dtype/label variant would mostly measure compile time.
+    kern.AUTOTUNE = False
     checks = [] if args.skip_checks else run_checks(args, device, dtype, D)
-    print("benchmark (forward + backward, median):")
+    kern.AUTOTUNE = not args.no_autotune
+    if kern.INTERPRET and kern.AUTOTUNE:
+        # The dry run still walks the tuner (one interpreter candidate per kernel), timed on the CPU.
+        kern.BENCH = lambda fn: _bench_ms(fn, device, 0, [])
+    print(f"benchmark (forward + backward, median; autotune {'on' if kern.AUTOTUNE else 'off'}):")
     bench, best = run_bench(args, device, dtype, D)
     from vlkit.losses.fused import _CUBLAS_MODE
 
