@@ -66,6 +66,9 @@ def atomic_write_dir(target: Path, write: Any) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any directory the user makes
     try:
         write(tmp)
         for f in tmp.rglob("*"):

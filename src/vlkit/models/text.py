@@ -39,18 +39,12 @@ class TextTransformer(nn.Module):
             nn.init.normal_(self.proj.weight, std=width**-0.5)
 
     def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Index of the first end-of-text token per row; rows without one use their last non-pad token."""
-        is_eot = ids == self.config.eot_token_id
-        has_eot = is_eot.any(dim=1)
-        first_eot = is_eot.int().argmax(dim=1)
-        non_pad = (ids != self.config.pad_token_id).int()
-        last_real = (non_pad * torch.arange(1, ids.shape[1] + 1, device=ids.device)).argmax(dim=1)
-        return torch.where(has_eot, first_eot, last_real)
+        return eot_positions(ids, self.config.eot_token_id, self.config.pad_token_id)
 
     def trim_padding(self, ids: torch.Tensor) -> torch.Tensor:
         """Drop the columns after the last end-of-text of the batch. Exact: with a causal mask nothing reads them,
         and a bidirectional tower masks them anyway. CLIP captions are short, so this skips most of the 77 positions."""
-        if torch.compiler.is_compiling() or ids.shape[1] == 0:
+        if torch.compiler.is_compiling() or ids.is_meta or ids.shape[1] == 0:
             return ids
         return ids[:, : int(self.eot_positions(ids).max()) + 1]
 
@@ -84,3 +78,13 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()  # open_clip decays the text embeddings; only 1-D parameters are exempt (by the optimizer)
+
+
+def eot_positions(ids: torch.Tensor, eot_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Index of the first end-of-text token per row; rows without one use their last non-pad token."""
+    is_eot = ids == eot_token_id
+    has_eot = is_eot.any(dim=1)
+    first_eot = is_eot.int().argmax(dim=1)
+    non_pad = (ids != pad_token_id).int()
+    last_real = (non_pad * torch.arange(1, ids.shape[1] + 1, device=ids.device)).argmax(dim=1)
+    return torch.where(has_eot, first_eot, last_real)

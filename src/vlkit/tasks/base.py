@@ -60,8 +60,8 @@ class Task:
     def batch_size(self, batch: Batch) -> int:
         return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
 
-    def train_flops_per_sample(self) -> int | None:
-        """Forward + backward FLOPs of one sample (for MFU), traced on the meta device; None if unknown."""
+    def train_flops(self, batch: Batch) -> int | None:
+        """Forward + backward FLOPs of this batch (for MFU), traced on the meta device; None if unknown."""
         return None
 
     def skipped_samples(self, loader: Any) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from vlkit.losses import ContrastiveLoss
 from vlkit.models import create_model
+from vlkit.models.text import eot_positions
 from vlkit.tasks.base import Batch, Task
 
 
@@ -101,11 +103,18 @@ class CLIPTask(Task):
     def batch_size(self, batch: Batch) -> int:
         return int(batch["image"].shape[0])
 
-    def train_flops_per_sample(self) -> int | None:
+    def train_flops(self, batch: Batch) -> int | None:
+        """Image tower plus text tower at the batch's real (padding-trimmed) length, forward + backward."""
+        text = self.cfg.model.text
+        length = int(eot_positions(batch["text"], text.eot_token_id, text.pad_token_id).max()) + 1
+        return self.batch_size(batch) * self._flops_per_sample(length)
+
+    @functools.cache  # noqa: B019 (one task per run; keyed by text length, at most 77 entries)
+    def _flops_per_sample(self, text_length: int) -> int:
         from vlkit.utils.flops import tower_flops
 
         meta = create_model(self.cfg, device="meta")
-        return sum(c.forward_backward for c in tower_flops(meta).values())
+        return sum(c.forward_backward for c in tower_flops(meta, text_length).values())
 
 
 def ensure_shapes_dataset(data_cfg: Any, image_size: int, is_main: bool) -> Any:

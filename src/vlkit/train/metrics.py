@@ -31,18 +31,21 @@ def device_peak_flops(device: torch.device, override_tflops: float | None = None
 class Throughput:
     """Samples/s, data-wait fraction and MFU over the current log interval."""
 
-    def __init__(self, flops_per_sample: int | None, peak_flops: float | None, world_size: int) -> None:
-        self.flops_per_sample, self.peak_flops, self.world_size = flops_per_sample, peak_flops, world_size
+    def __init__(self, peak_flops: float | None, world_size: int) -> None:
+        self.peak_flops, self.world_size = peak_flops, world_size
         self.reset()
 
     def reset(self) -> None:
         self.t0 = time.perf_counter()
         self.samples = 0
+        self.flops: int | None = 0
         self.data_wait = 0.0
         self.steps = 0
 
-    def update(self, samples: int, data_wait: float) -> None:
+    def update(self, samples: int, data_wait: float, flops: int | None) -> None:
+        """``flops``: forward + backward FLOPs this rank did in the step (None when the task cannot count them)."""
         self.samples += samples
+        self.flops = None if flops is None or self.flops is None else self.flops + flops
         self.data_wait += data_wait
         self.steps += 1
 
@@ -53,8 +56,10 @@ class Throughput:
             "data_wait_frac": self.data_wait / elapsed,
             "step_time_s": elapsed / max(self.steps, 1),
         }
-        if self.flops_per_sample and self.peak_flops:
-            out["mfu"] = self.samples * self.flops_per_sample / elapsed / self.peak_flops  # per device
+        if self.flops:
+            out["tflops_per_device"] = self.flops / elapsed / 1e12
+            if self.peak_flops:
+                out["mfu"] = self.flops / elapsed / self.peak_flops
         return out
 
 

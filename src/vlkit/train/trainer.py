@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,12 @@ class Trainer:
     def _state(self) -> dict:
         state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": _config_dict(self.cfg)}
         if hasattr(self.loader, "state_dict"):
-            state["data"] = self.loader.state_dict()
+            # Every rank reads its own part of the data: keep all positions (the checkpoint's JSON is rank 0's).
+            positions = [self.loader.state_dict()]
+            if dist.is_initialized() and self.dist.world_size > 1:
+                positions = [None] * self.dist.world_size
+                dist.all_gather_object(positions, self.loader.state_dict())
+            state["data"] = positions
         return state
 
     def save(self) -> Path:
@@ -125,7 +131,13 @@ class Trainer:
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         if "data" in state and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(state["data"])
+            positions = state["data"]
+            if len(positions) != self.dist.world_size:
+                raise ValueError(
+                    f"the checkpoint holds data positions for {len(positions)} ranks, this run has "
+                    f"{self.dist.world_size}: resume with the same number of processes"
+                )
+            self.loader.load_state_dict(positions[self.dist.rank])
         return True
 
     def _inner_model(self) -> nn.Module:
@@ -227,7 +239,11 @@ class Trainer:
                     "enable gradient clipping or check the data"
                 )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
+        with warnings.catch_warnings():
+            # The schedule follows steps taken, skipped or not, so a resumed run stays aligned; torch warns when
+            # the very first optimizer step was a skipped one.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         loss_value = float(loss)
         if dist.is_initialized() and self.dist.world_size > 1:
             t = torch.tensor([loss_value], device=self.device)
@@ -256,8 +272,7 @@ class Trainer:
             resumed = self.resume(tcfg.checkpoint.resume)
             if self.dist.is_main:
                 print(f"resumed from step {self.step}" if resumed else "no checkpoint to resume from: starting fresh")
-        flops = self.task.train_flops_per_sample()
-        meter = Throughput(flops, device_peak_flops(self.device, tcfg.peak_tflops), self.dist.world_size)
+        meter = Throughput(device_peak_flops(self.device, tcfg.peak_tflops), self.dist.world_size)
         sinks = MetricSinks(self.out_dir, self.dist.is_main, tcfg.logging.jsonl, tcfg.logging.tensorboard)
         bar = _progress(self.dist.is_main, tcfg.max_steps, self.step)
         every = max(1, tcfg.logging.log_every_n_steps)
@@ -267,7 +282,9 @@ class Trainer:
                 batches, wait = self._micro_batches(batches_iter)
                 metrics = self.train_step(batches)
                 self.step += 1
-                meter.update(sum(self.task.batch_size(b) for b in batches), wait)
+                flops = [self.task.train_flops(b) for b in batches]
+                meter.update(sum(self.task.batch_size(b) for b in batches), wait,
+                             None if None in flops else sum(flops))  # fmt: skip
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")

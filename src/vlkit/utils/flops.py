@@ -41,10 +41,11 @@ def _measure(fn) -> FlopCount:
     return FlopCount(fwd, fc.get_total_flops())
 
 
-def tower_flops(model: nn.Module) -> dict[str, FlopCount]:
+def tower_flops(model: nn.Module, text_length: int | None = None) -> dict[str, FlopCount]:
     """FLOPs for one sample through each tower of a vlkit model, traced on the meta device.
 
-    Keys: ``image`` (CLIP image tower or classifier) and ``text`` (CLIP text tower at full context length).
+    Keys: ``image`` (CLIP image tower or classifier) and ``text`` (CLIP text tower at ``text_length`` tokens,
+    the full context length by default).
     The model must live on the meta device or be cheap enough to run once at batch size 1.
     """
     cfg = model.config
@@ -54,7 +55,7 @@ def tower_flops(model: nn.Module) -> dict[str, FlopCount]:
     counts = {}
     if hasattr(model, "encode_image"):
         counts["image"] = _measure(lambda: model.encode_image(pixels))
-        ids = torch.zeros(1, cfg.text.encoder_seq_length, dtype=torch.long, device=device)
+        ids = torch.zeros(1, text_length or cfg.text.encoder_seq_length, dtype=torch.long, device=device)
         counts["text"] = _measure(lambda: model.encode_text(ids))
     else:
         counts["image"] = _measure(lambda: model(pixels))

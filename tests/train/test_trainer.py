@@ -1,0 +1,98 @@
+"""The training loop on the CPU: parallel runs equal one process, gradient cache equals the full batch,
+accumulation arithmetic, NaN handling."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlkit.config import load_config
+from vlkit.train.trainer import NonFiniteLossError, Trainer, accumulation_steps
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from fixed_task import FixedDataCLIPTask  # noqa: E402
+from train_worker import BASE  # noqa: E402
+
+WORKER = HERE / "train_worker.py"
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_single(out: Path, *overrides: str) -> None:
+    result = subprocess.run([sys.executable, str(WORKER), str(out), "trainer.logging.log_every_n_steps=1", *overrides],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        err = (a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max().clamp_min(1e-12)
+        assert err <= tol, f"{k}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, global batch 8 in one micro-batch."""
+    out = tmp_path_factory.mktemp("single")
+    run_single(out, "trainer.micro_batch_size=8")
+    return out
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(torchrun, reference, tmp_path, dp):
+    out = tmp_path / dp
+    torchrun(WORKER, 2, str(out), "trainer.micro_batch_size=4", f"parallel.data_parallel={dp}",
+             "trainer.logging.log_every_n_steps=1")  # fmt: skip
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_weights(final_weights(out), final_weights(reference))
+
+
+def test_gradient_cache_equals_the_full_batch(reference, tmp_path):
+    out = tmp_path / "gc"
+    run_single(out, "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.gradient_cache=true")
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_weights(final_weights(out), final_weights(reference))
+
+
+def test_plain_accumulation_of_a_contrastive_loss_differs(reference, tmp_path):
+    """Without the cache, 4 micro-batches of 2 see 4 small contrastive problems: not the batch-8 loss."""
+    out = tmp_path / "acc"
+    run_single(out, "trainer.micro_batch_size=2", "trainer.global_batch_size=8")
+    assert losses(out)[0] != pytest.approx(losses(reference)[0], rel=1e-3)
+
+
+def test_accumulation_steps():
+    cfg = load_config("clip-tiny", ["trainer.micro_batch_size=4", "trainer.global_batch_size=32"])
+    assert accumulation_steps(cfg, 2) == 4
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(cfg, 3)
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    cfg = load_config("clip-tiny", [*BASE, f"trainer.output_dir={tmp_path}", "trainer.micro_batch_size=4",
+                                    "trainer.max_nonfinite_steps=3", "trainer.logging.jsonl=false"])  # fmt: skip
+    trainer = Trainer(cfg, FixedDataCLIPTask)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    original = trainer.task.loss_from_features
+
+    def nan_loss(feats):
+        loss, metrics = original(feats)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(trainer.task, "loss_from_features", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
+        trainer.fit()
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a skipped step"
