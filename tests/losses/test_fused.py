@@ -82,6 +82,9 @@ def _cases() -> list[dict]:
             {"id": f"autotune-{dtype}", "B": 100, "D": 64, "scale": 14.3, "dtype": dtype, "tune": True}
             | {"plan": {"gemm": gemm, **SPLIT}}
         )
+    # The widest D promised (20 K-steps of the interpreter's BLOCK_K), one tile and a ragged two-by-two grid.
+    cases.append({"id": "fp32-B64-D1280", "B": 64, "D": 1280, "scale": 14.3, "dtype": "fp32"})
+    cases.append({"id": "bf16-B100-D1280", "B": 100, "D": 1280, "scale": 100.0, "dtype": "bf16"})
     cases.append({"id": "noncontig-fp32", "B": 64, "D": 64, "scale": 14.3, "dtype": "fp32", "noncontig": True})
     cases.append({"id": "noncontig-bf16", "B": 100, "D": 130, "scale": 14.3, "dtype": "bf16", "noncontig": True})
     cases.append({"id": "grad-x-only", "B": 100, "D": 64, "scale": 14.3, "dtype": "bf16", "requires": ["x"]})

@@ -182,6 +182,9 @@ def run_checks(args, device, dtype, D):
     rows.append(_check_case("fp32 perm labels s=14.3", small, D, torch.float32, 14.3, device, labels="perm"))
     rows.append(_check_case(f"{dtype} perm labels s=100", mid, D, dtype, 100.0, device, labels="perm"))
     rows.append(_check_case(f"{dtype} default plan ragged", big, D, dtype, 14.3, device))
+    for d in (130, 1280):  # a D that is no multiple of BLOCK_K, and the widest D promised
+        rows.append(_check_case(f"{dtype} D={d}", small, d, dtype, 14.3, device))
+        rows.append(_check_case(f"fp32 D={d}", small, d, torch.float32, 14.3, device))
     for sc in (14.3, 100.0):
         rows.append(_check_case(f"fp32 matched pairs s={sc:g}", mid, D, torch.float32, sc, device, kind="matched"))
     rows.append(_check_case(f"{dtype} matched pairs s=100", mid, D, dtype, 100.0, device, kind="matched"))
