@@ -82,11 +82,21 @@ def _register_modules(sub: argparse._SubParsersAction, modules: Sequence[str]) -
 
 
 def _add_group(
-    sub: argparse._SubParsersAction, name: str, help_text: str, modules: Sequence[str], planned: dict[str, str]
+    sub: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    modules: Sequence[str],
+    planned: dict[str, str],
+    load: bool = True,
 ) -> None:
-    """A command with sub-commands; ``planned`` maps sub-commands that have not landed to the issue delivering them."""
+    """A command with sub-commands; ``planned`` maps sub-commands that have not landed to the issue delivering them.
+
+    ``load=False`` lists the command without importing its modules (they pull in torch: seconds per ``--help``).
+    """
     p = sub.add_parser(name, help=help_text, description=help_text)
     group = p.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", required=True)
+    if not load:
+        return
     _register_modules(group, modules)
     for child, issue in planned.items():
         if child not in group.choices:
@@ -94,7 +104,10 @@ def _add_group(
             cp.set_defaults(func=_not_available(f"{name} {child}", issue), planned=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; the sub-commands of ``data`` and ``bench`` are imported only when ``argv`` names them."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="vlkit",
         description="Pretrain, fine-tune, evaluate and serve vision-language models (CLIP, ViT, NeVA).",
@@ -113,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset tools: the synthetic shapes dataset, checking shards, writing shards",
         DATA_COMMANDS,
         {"shapes": data_issue, "check": data_issue, "from-folder": data_issue, "from-csv": data_issue},
+        load=command == "data",
     )
     _add_group(
         sub,
@@ -120,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks: our figure and the peers' side by side, in one run",
         BENCH_COMMANDS,
         {"loss": loss_issue, "train": "the Trainer issue", "data": data_issue, "tokenizer": data_issue},
+        load=command == "bench",
     )
     _add_planned(sub, "demo")
     return parser
@@ -132,7 +147,8 @@ def _add_planned(sub: argparse._SubParsersAction, name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     # A command that has not landed accepts (and ignores) whatever options its future form will take.
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "planned", False):
