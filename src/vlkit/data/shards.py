@@ -1,0 +1,914 @@
+"""Image-text webdataset shards -> batches, with an exact, resumable position and skip metrics.
+
+The stream is a pure function of ``(seed, epoch, rank, worker, shard, sample index)``, so a run resumed from
+:meth:`ShardLoader.state_dict` yields exactly the batches an uninterrupted run would have yielded next:
+
+1. **Shard order.** Each epoch the shard list is permuted by ``Random(f"{seed}:{epoch}")`` (the same on every rank)
+   and dealt to the ``world_size x num_workers`` readers, reader ``rank * num_workers + worker`` taking every
+   (readers)-th shard. With fewer shards than readers, readers share a shard and each keeps every k-th sample of it,
+   so every sample is still read exactly once per epoch (at the price of reading such shards several times; a
+   warning says so). In resampled mode each reader instead draws shards with replacement from its own
+   ``Random(f"{seed}:{epoch}:{reader}")``: first a source by weight, then a shard of that source uniformly.
+2. **Shuffle.** A reader cuts its stream of raw (undecoded) samples into blocks of ``shuffle_buffer`` samples and
+   permutes each block with ``Random(f"{seed}:{epoch}:{reader}:{block}")``. Unlike a reservoir buffer, a block has a
+   known start, so a position is "block *b* starting at (shard *p*, sample *j*), *m* samples of it consumed".
+3. **Augmentation.** Before a sample is transformed, torch's and Python's RNGs are seeded from
+   ``(seed, epoch, shard, sample index)``, so a random crop does not depend on which worker made it (or when).
+4. **Batches are made in the worker** and carry that worker's position and the skips since its previous batch;
+   :class:`ShardLoader` reads them off in the main process. The DataLoader takes batches from its workers round-robin,
+   so on resume the workers are renamed (rotated) so that the first one asked is the one that was due next.
+
+Bad input never stops the stream. A sample that cannot be used is skipped with one warning naming its shard and key
+and counted by reason in :attr:`ShardLoader.metrics`; a shard that cannot be opened, or breaks off (truncated), is
+reported by path after its good samples, and the run continues with the next shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlkit.data.sources import Source, SourceSpec, dataset_size, has_weights, is_remote, parse_sources
+
+logger = logging.getLogger("vlkit.data")
+
+DEFAULT_IMAGE_KEY = "jpg;jpeg;png;webp"
+DEFAULT_TEXT_KEY = "txt"
+# A member larger than this is not read into memory; its sample is skipped as "too_large".
+MAX_MEMBER_BYTES = 256 << 20
+STATE_VERSION = 1
+_META = "_vlkit"  # the key under which a worker's batch carries its position and skips to the main process
+_UNSAFE_KEY = re.compile(r"^[/\\]|^[A-Za-z]:|\0")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Decoding (the real decoder lives in vlkit.data.images; a minimal stand-in keeps this module usable without it)
+
+
+class DecodeError(ValueError):
+    """An image that cannot be decoded; ``reason`` is one of corrupt | empty | too_large | unsupported."""
+
+    def __init__(self, reason: str, message: str = ""):
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+_decoder: Callable[[bytes, str], Any] | None = None
+
+
+def default_decode(data: bytes, key: str = "") -> Any:
+    """Decode image bytes to an RGB PIL image with ``vlkit.data.images`` (or a minimal fallback when absent)."""
+    global _decoder
+    if _decoder is None:
+        try:
+            from vlkit.data.images import decode_image, to_rgb
+        except ModuleNotFoundError as e:
+            if e.name not in ("vlkit.data.images",):
+                raise
+            _decoder = _fallback_decode
+        else:
+
+            def _decoder(data: bytes, key: str = "") -> Any:
+                return to_rgb(decode_image(data, key))
+
+    return _decoder(data, key)
+
+
+def _fallback_decode(data: bytes, key: str = "") -> Any:
+    from PIL import Image
+
+    if not data:
+        raise DecodeError("empty", "zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError("too_large", str(e)) from e
+    except Exception as e:
+        raise DecodeError("corrupt", f"{type(e).__name__}: {e}") from e
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np
+
+        img = Image.fromarray((np.asarray(img).astype("uint32") >> 8).clip(0, 255).astype("uint8"))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading tar shards
+
+
+class ShardError(Exception):
+    """A shard that could not be opened ("unreadable") or broke off part-way ("truncated")."""
+
+    def __init__(self, url: str, reason: str, message: str):
+        super().__init__(f"{url}: {reason}: {message}")
+        self.url, self.reason, self.message = url, reason, message
+
+
+class Record(NamedTuple):
+    """A raw sample: its index in its shard, its key and its members (extension -> bytes, or TOO_LARGE)."""
+
+    index: int
+    key: str
+    fields: dict
+
+
+TOO_LARGE = object()
+
+
+def open_url(url: str):
+    """Open a shard for reading: local paths directly, ``pipe:``/http/gs/... via webdataset, other URLs via fsspec."""
+    if not is_remote(url):
+        return open(url, "rb")
+    scheme = "pipe" if url.startswith("pipe:") else url.split("://", 1)[0]
+    # webdataset's package namespace exports the gopen *function* under the module's name.
+    gopen = importlib.import_module("webdataset.gopen")
+    if scheme in gopen.gopen_schemes or scheme == "file":
+        return gopen.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """``dir/0001.seg.jpg`` -> (``dir/0001``, ``seg.jpg``): webdataset's rule, the key ends at the first dot."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1:
+        return None, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def iter_tar(
+    url: str,
+    *,
+    skip: int = 0,
+    wanted: Callable[[str], bool] | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> Iterator[Record]:
+    """Yield the samples of one tar shard in order, never extracting anything to disk.
+
+    Members are grouped into samples by key (consecutive members with the same key). The first ``skip`` samples are
+    counted but their data is not read, which is how a resumed reader gets back to its place cheaply.
+
+    Args:
+        url: shard path or URL.
+        skip: samples to pass over at the start.
+        wanted: predicate on a member's extension; other members are not read (e.g. ``json``, never decoded).
+        max_member_bytes: members larger than this are not read; their extension maps to ``TOO_LARGE``.
+
+    Raises:
+        ShardError: after the good samples, when the shard cannot be opened or is truncated.
+    """
+    try:
+        fileobj = open_url(url)
+    except Exception as e:
+        raise ShardError(url, "unreadable", f"{type(e).__name__}: {e}") from e
+    index, key, fields = -1, None, {}
+    reading = False  # inside a member's data: a break there leaves the current sample incomplete
+    try:
+        with fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                k, ext = split_name(member.name)
+                if k is None or (k.startswith("__") and ext.endswith("__")):
+                    continue
+                if k != key or ext in fields:
+                    if index >= skip and key is not None:
+                        yield Record(index, key, fields)
+                    index, key, fields = index + 1, k, {}
+                if index < skip or (wanted is not None and not wanted(ext)):
+                    fields[ext] = None  # marks the extension as seen, so a repeated one starts a new sample
+                    continue
+                if member.size > max_member_bytes:
+                    fields[ext] = TOO_LARGE
+                    continue
+                reading = True
+                fields[ext] = tar.extractfile(member).read()
+                reading = False
+                tar.members = []  # the streaming reader would otherwise keep every header
+    except Exception as e:
+        if key is not None and index >= skip and not reading:
+            yield Record(index, key, fields)  # the break came between members: those read are complete
+        reason = "truncated" if key is not None else "unreadable"
+        raise ShardError(url, reason, f"{type(e).__name__}: {e}") from e
+    if key is not None and index >= skip:
+        yield Record(index, key, fields)
+
+
+def is_unsafe_key(key: str) -> bool:
+    """Keys that could escape a directory if someone used them as a file name (absolute, ``..``, NUL)."""
+    return bool(_UNSAFE_KEY.search(key)) or ".." in key.replace("\\", "/").split("/")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+def node_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialised, else env RANK / WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one reader reads of one shard: samples ``index % stride == phase``."""
+
+    url: str
+    phase: int = 0
+    stride: int = 1
+
+
+@dataclass
+class _WorkerPos:
+    part: int = 0  # index in the reader's sequence of parts, where the current block starts
+    offset: int = 0  # samples of that shard before the current block
+    block: int = 0
+    emitted: int = 0  # samples of the current block consumed
+    batches: int = 0
+    done: bool = False
+    shard: str = ""  # for people reading the state: the shard at the block start
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Tally:
+    """Skips and shard errors a worker has not yet reported."""
+
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    shard_errors: list = field(default_factory=list)
+
+    def drain(self) -> dict:
+        out = {"skipped": dict(self.skipped), "repaired": dict(self.repaired), "shard_errors": self.shard_errors}
+        self.skipped, self.repaired, self.shard_errors = Counter(), Counter(), []
+        return out
+
+
+class StreamDataset(IterableDataset):
+    """Shared machinery of the shard and CSV datasets: parts, blocks, decoding, batching and positions.
+
+    Iterating it yields *transport* items: batches (plus end-of-stream markers) carrying their worker's position under
+    the ``"_vlkit"`` key. Use it through :class:`ShardLoader`, which strips that key and tracks the position.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        image_transform: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor] | None,
+        decode: Callable[[bytes, str], Any] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        text_key: str | None = DEFAULT_TEXT_KEY,
+        label_key: str | None = None,
+        num_samples: int | None = None,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.decode = decode or default_decode
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = max(1, shuffle_buffer) if shuffle else 1
+        self.resampled = resampled
+        self.text_key = text_key
+        self.label_key = label_key
+        self.num_samples = num_samples
+        self.drop_last = drop_last
+        r, w = node_info()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
+        # Set by ShardLoader: batches per worker per epoch (None: until the shards run out), and where to resume.
+        self.batches_per_worker: int | None = None
+        self.epoch = 0
+        self._resume: dict | None = None
+        self._rotation = 0
+
+    # ---- what subclasses provide
+
+    def shard_list(self) -> list[str]:
+        """All shards (or parts of a CSV), in their given order."""
+        raise NotImplementedError
+
+    def _sources(self) -> list[Source]:
+        return [Source(spec="", urls=tuple(self.shard_list()))]
+
+    def _read(self, url: str, skip: int) -> Iterator[Record]:
+        raise NotImplementedError
+
+    def _image_bytes(self, record: Record) -> tuple[bytes | None, str | None]:
+        """(bytes, None) or (None, skip reason)."""
+        raise NotImplementedError
+
+    def _skip_detail(self, record: Record) -> str:
+        return ""
+
+    def _caption_bytes(self, record: Record) -> Any:
+        return record.fields.get(self.text_key)
+
+    # ---- shard order
+
+    def epoch_order(self, epoch: int) -> list[str]:
+        """The shard order of an epoch: a permutation from (seed, epoch), the same on every rank."""
+        urls = list(self.shard_list())
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(urls)
+        return urls
+
+    def _parts(self, epoch: int, reader: int, readers: int) -> Iterator[Part]:
+        if self.resampled:
+            yield from self._resampled_parts(epoch, reader)
+            return
+        order = self.epoch_order(epoch)
+        n = len(order)
+        if n >= readers:
+            parts = [Part(u) for u in order[reader::readers]]
+        else:
+            shard = reader % n
+            parts = [Part(order[shard], phase=reader // n, stride=len(range(shard, readers, n)))]
+        if self.batches_per_worker is None:
+            yield from parts
+        else:
+            # A fixed number of batches per worker: a reader that runs out goes round its shards again, so that
+            # every rank takes the same number of steps (distributed training hangs otherwise).
+            yield from itertools.cycle(parts)
+
+    def _resampled_parts(self, epoch: int, reader: int) -> Iterator[Part]:
+        rng = random.Random(f"{self.seed}:{epoch}:{reader}")
+        sources = self._sources()
+        weights = [s.weight for s in sources]
+        while True:
+            source = rng.choices(sources, weights=weights)[0] if len(sources) > 1 else sources[0]
+            yield Part(rng.choice(source.urls))
+
+    # ---- one reader's raw stream, cut into shuffled blocks
+
+    def _raw(self, parts: Iterator[Part], start: _WorkerPos, tally: _Tally) -> Iterator[tuple[int, Part, Record]]:
+        empty_parts = 0
+        limit = max(16, 4 * len(self.shard_list()))
+        for p, part in enumerate(parts, start=start.part):
+            produced = False
+            skip = start.offset if p == start.part else 0
+            try:
+                for record in self._read(part.url, skip):
+                    if record.index % part.stride == part.phase:
+                        produced = True
+                        yield p, part, record
+            except ShardError as e:
+                logger.warning("shard %s: %s (%s); continuing with the next shard", e.url, e.reason, e.message)
+                tally.shard_errors.append({"shard": e.url, "reason": e.reason, "error": e.message})
+            # In cyclic or resampled mode a reader whose shards are all empty or broken would spin forever.
+            empty_parts = 0 if produced else empty_parts + 1
+            if empty_parts >= limit and (self.resampled or self.batches_per_worker is not None):
+                logger.warning("reader gave up: %d shards in a row had no readable sample", empty_parts)
+                return
+
+    def _blocks(self, raw: Iterator, start: _WorkerPos) -> Iterator[tuple[int, list, tuple, tuple]]:
+        """(block index, permuted records, (part, offset, shard) at the block start, the same after the block)."""
+        block_index, begin = start.block, (start.part, start.offset, start.shard)
+        while True:
+            block = list(itertools.islice(raw, self.shuffle_buffer))
+            if not block:
+                return
+            begin = (begin[0], begin[1], block[0][1].url)  # for people reading the state: where the block starts
+            last_p, last_part, last_rec = block[-1]
+            end = (last_p, last_rec.index + 1, last_part.url)
+            if self.shuffle and len(block) > 1:
+                random.Random(f"{self.seed}:{self.epoch}:{self._reader}:{block_index}").shuffle(block)
+            yield block_index, block, begin, end
+            block_index, begin = block_index + 1, end
+
+    # ---- turning a record into a sample
+
+    def _prepare(self, url: str, record: Record, tally: _Tally) -> dict | None:
+        key = record.key
+        reason, detail = None, ""
+        if is_unsafe_key(key):
+            reason = "unsafe_key"
+        else:
+            data, reason = self._image_bytes(record)
+            detail = self._skip_detail(record) if reason else ""
+        caption = label = None
+        if reason is None and self.text_key is not None:
+            raw = self._caption_bytes(record)
+            if raw is None:
+                reason = "no_caption"
+            elif raw is TOO_LARGE:
+                reason = "too_large"
+            else:
+                if isinstance(raw, bytes):
+                    try:
+                        caption = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        # One bad byte should not cost an image; the caption keeps its readable words.
+                        caption = raw.decode("utf-8", errors="replace")
+                        tally.repaired["caption_not_utf8"] += 1
+                        logger.warning("sample %r of %s: caption is not UTF-8; decoded with replacement", key, url)
+                else:
+                    caption = str(raw)
+                caption = caption.strip()
+                if not caption:
+                    reason = "empty_caption"
+        if reason is None and self.label_key is not None:
+            raw = record.fields.get(self.label_key)
+            if raw is None or raw is TOO_LARGE:
+                reason = "no_label"
+            else:
+                try:
+                    label = int(raw.decode("utf-8").strip() if isinstance(raw, bytes) else raw)
+                except (ValueError, UnicodeDecodeError):
+                    reason = "bad_label"
+        image = None
+        if reason is None:
+            try:
+                image = self.decode(data, key)
+            except Exception as e:
+                reason, detail = getattr(e, "reason", None) or "corrupt", f"{type(e).__name__}: {e}"
+        if reason is None:
+            try:
+                with _seeded(_sample_seed(self.seed, self.epoch, url, record.index)):
+                    tensor = self.image_transform(image)
+            except Exception as e:
+                reason, detail = "transform_error", f"{type(e).__name__}: {e}"
+        if reason is not None:
+            tally.skipped[reason] += 1
+            logger.warning("skipped sample %r of %s: %s%s", key, url, reason, f" ({detail})" if detail else "")
+            return None
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"image_transform must return a tensor, got {type(tensor).__name__}")
+        return {"image": tensor, "caption": caption, "key": key, "label": label}
+
+    def _collate(self, samples: list[dict]) -> dict:
+        images = [s["image"] for s in samples]
+        out = None
+        if get_worker_info() is not None:
+            # Stacking straight into shared memory saves the copy the worker would make to send the batch.
+            out = images[0].new_empty((len(images), *images[0].shape)).share_memory_()
+        batch: dict[str, Any] = {"image": torch.stack(images, out=out), "key": [s["key"] for s in samples]}
+        if self.text_key is not None:
+            captions = [s["caption"] for s in samples]
+            batch["caption"] = captions
+            if self.tokenizer is not None:
+                batch["text"] = self.tokenizer(captions)
+        if self.label_key is not None:
+            batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        return batch
+
+    # ---- the worker loop
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        num_workers = 1 if info is None else info.num_workers
+        worker = 0 if info is None else (info.id + self._rotation) % num_workers
+        self._reader = self.rank * num_workers + worker
+        resume = self._resume or {}
+        if resume and resume.get("num_workers", num_workers) != max(1, num_workers):
+            raise ValueError("resume state was saved with a different number of workers")
+        state = resume.get("workers", {}).get(str(worker))
+        pos = _WorkerPos(**state) if state else _WorkerPos()
+        if pos.done:
+            return
+        yield from self._worker_stream(worker, num_workers, pos)
+
+    def _worker_stream(self, worker: int, num_workers: int, pos: _WorkerPos) -> Iterator[dict]:
+        tally = _Tally()
+        parts = itertools.islice(self._parts(self.epoch, self._reader, self.world_size * num_workers), pos.part, None)
+        raw = self._raw(parts, pos, tally)
+        pending: list[dict] = []
+        quota = self.batches_per_worker
+
+        def item(batch: dict, done: bool) -> dict:
+            meta = {"worker": worker, "epoch": self.epoch, "n": len(batch.get("key", ())), "done": done}
+            meta.update(pos=pos.to_dict(), **tally.drain())
+            batch[_META] = meta
+            return batch
+
+        if quota is not None and pos.batches >= quota:
+            pos.done = True
+            yield item({}, True)
+            return
+        for block_index, block, begin, end in self._blocks(raw, pos):
+            skip = pos.emitted if block_index == pos.block else 0
+            for k in range(skip, len(block)):
+                p, part, record = block[k]
+                sample = self._prepare(part.url, record, tally)
+                if k + 1 == len(block):
+                    (pos.part, pos.offset, pos.shard), pos.block, pos.emitted = end, block_index + 1, 0
+                else:
+                    (pos.part, pos.offset, pos.shard), pos.block, pos.emitted = begin, block_index, k + 1
+                if sample is None:
+                    continue
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    pos.batches += 1
+                    batch, pending = self._collate(pending), []
+                    if quota is not None and pos.batches >= quota:
+                        pos.done = True
+                        yield item(batch, True)
+                        return
+                    yield item(batch, False)
+        if pending and not self.drop_last and quota is None:
+            pos.batches += 1
+            yield item(self._collate(pending), False)
+        pos.done = True
+        yield item({}, True)
+
+
+class ShardDataset(StreamDataset):
+    """Image-text (or image-label) samples from webdataset tar shards.
+
+    Args:
+        source: shard spec(s), see :mod:`vlkit.data.sources` (paths, brace ranges, globs, directories, URLs, ``::``
+            lists, weighted lists).
+        batch_size: samples per batch (per rank).
+        image_transform: PIL image -> tensor [3, H, W].
+        tokenizer: list of captions -> LongTensor [B, context_length]; None leaves ``text`` out of the batch.
+        weights: per-source weights (share of samples); resampled mode only.
+        image_key: image extensions to look for, ``;``-separated, first present wins.
+        text_key: caption extension; None for image-only (e.g. classification) shards.
+        label_key: extension of an integer class label (``cls``), or None.
+        num_samples: samples per epoch; None reads ``sizes.json`` next to the shards.
+        decode: bytes, key -> RGB PIL image; raises an exception with ``.reason`` for a bad image.
+        seed, shuffle, shuffle_buffer, resampled, drop_last, rank, world_size: see :class:`StreamDataset` and the
+            module docstring.
+    """
+
+    def __init__(
+        self,
+        source: SourceSpec,
+        *,
+        batch_size: int,
+        image_transform: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor] | None,
+        weights: Sequence[float] | str | None = None,
+        image_key: str = DEFAULT_IMAGE_KEY,
+        text_key: str | None = DEFAULT_TEXT_KEY,
+        label_key: str | None = None,
+        num_samples: int | None = None,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        **kwargs: Any,
+    ):
+        self.sources = parse_sources(source, weights)
+        resampled = kwargs.get("resampled", False)
+        if has_weights(self.sources) and not resampled:
+            raise ValueError("source weights need resampled=True: without resampling every shard is read once")
+        self.urls = [u for s in self.sources for u in s.urls]
+        self.image_exts = tuple(e.strip().lower() for e in image_key.split(";") if e.strip())
+        if not self.image_exts:
+            raise ValueError(f"no image extension in image_key={image_key!r}")
+        self.max_member_bytes = max_member_bytes
+        if num_samples is None:
+            num_samples = dataset_size(self.urls)
+        super().__init__(
+            batch_size=batch_size,
+            image_transform=image_transform,
+            tokenizer=tokenizer,
+            text_key=text_key,
+            label_key=label_key,
+            num_samples=num_samples,
+            **kwargs,
+        )
+        self._wanted = set(self.image_exts) | {k for k in (text_key, label_key) if k}
+
+    def shard_list(self) -> list[str]:
+        return self.urls
+
+    def _sources(self) -> list[Source]:
+        return self.sources
+
+    def _read(self, url: str, skip: int) -> Iterator[Record]:
+        return iter_tar(url, skip=skip, wanted=self._wanted.__contains__, max_member_bytes=self.max_member_bytes)
+
+    def _image_bytes(self, record: Record) -> tuple[bytes | None, str | None]:
+        for ext in self.image_exts:
+            data = record.fields.get(ext)
+            if data is TOO_LARGE:
+                return None, "too_large"
+            if data is not None:
+                return data, None
+        return None, "no_image"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loader: position tracking and metrics in the main process
+
+
+def _sample_seed(seed: int, epoch: int, url: str, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{url}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    # In a worker process the RNGs belong to the data pipeline; in the main process (num_workers=0) they belong to the
+    # training loop, so they are put back afterwards.
+    restore = get_worker_info() is None
+    if restore:
+        torch_state, py_state = torch.random.get_rng_state(), random.getstate()
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if restore:
+            torch.random.set_rng_state(torch_state)
+            random.setstate(py_state)
+
+
+def _empty_metrics() -> dict:
+    return {"samples": 0, "batches": 0, "skipped": {}, "repaired": {}, "shard_errors": {}}
+
+
+class ShardLoader:
+    """A DataLoader over a :class:`StreamDataset` that knows its position and counts what it skipped.
+
+    Iterating it runs the rest of the current epoch (from the saved position, if any) and then advances to the next
+    epoch. Batches are dicts: ``image`` [B, 3, H, W] float, ``text`` [B, context_length] long (when a tokenizer is
+    given), ``caption`` list[str], ``key`` list[str], and ``label`` [B] long when ``label_key`` is set.
+
+    Args:
+        dataset: the dataset (its ``batch_size`` is the batch size).
+        num_workers: DataLoader worker processes (0: in this process).
+        equal_batches: give every worker the same number of batches per epoch, cycling its shards if it runs out,
+            so that all ranks take the same number of steps. None: on when ``world_size > 1`` and the epoch size
+            is known. Always on in resampled mode with a known size (otherwise resampled epochs are endless).
+        pin_memory, prefetch_factor, multiprocessing_context: passed to torch's DataLoader.
+    """
+
+    def __init__(
+        self,
+        dataset: StreamDataset,
+        *,
+        num_workers: int = 2,
+        equal_batches: bool | None = None,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        multiprocessing_context: Any = None,
+    ):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if num_workers > 0 else None
+        self.multiprocessing_context = multiprocessing_context
+        workers = max(1, num_workers)
+        readers = dataset.world_size * workers
+        n_shards = len(dataset.shard_list())
+        if not dataset.resampled and n_shards < readers:
+            warnings.warn(
+                f"only {n_shards} shard(s) for {dataset.world_size} rank(s) x {workers} worker(s) = {readers} readers: "
+                "readers share shards sample by sample so every sample is still read once, but such shards are "
+                "read several times. Write more (smaller) shards, use fewer workers, or set resampled=True.",
+                stacklevel=2,
+            )
+        if equal_batches is None:
+            equal_batches = dataset.resampled or dataset.world_size > 1
+        if equal_batches and dataset.num_samples is None:
+            if dataset.world_size > 1 and not dataset.resampled:
+                warnings.warn(
+                    "epoch size unknown (no sizes.json, no dataset_size): ranks may take different numbers of steps",
+                    stacklevel=2,
+                )
+            equal_batches = False
+        if equal_batches:
+            per_step = dataset.batch_size * dataset.world_size * workers
+            dataset.batches_per_worker = max(1, math.ceil(dataset.num_samples / per_step))
+        self._fingerprint = hashlib.sha1("\n".join(dataset.shard_list()).encode()).hexdigest()[:16]
+        self._epoch = 0
+        self._workers: dict[str, dict] = {}
+        self._next_worker = 0
+        self._metrics = _empty_metrics()
+
+    # ---- epoch and length
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning at the next iteration (a no-op if already positioned in it)."""
+        if epoch != self._epoch:
+            self._epoch, self._workers, self._next_worker = epoch, {}, 0
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch (all workers of this rank), or None when unknown (an estimate without equal_batches)."""
+        ds = self.dataset
+        if ds.batches_per_worker is not None:
+            return ds.batches_per_worker * max(1, self.num_workers)
+        if ds.num_samples is None or ds.resampled:
+            return None
+        per_rank = ds.num_samples / ds.world_size / ds.batch_size
+        return math.floor(per_rank) if ds.drop_last else math.ceil(per_rank)
+
+    # ---- iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = copy.copy(self.dataset)
+        ds.epoch = self._epoch
+        ds._resume = {"num_workers": max(1, self.num_workers), "workers": copy.deepcopy(self._workers)}
+        ds._rotation = self._next_worker
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+            multiprocessing_context=self.multiprocessing_context if self.num_workers > 0 else None,
+        )
+        for item in loader:
+            meta = item.pop(_META)
+            self._absorb(meta)
+            if meta["n"]:
+                yield item
+        self.set_epoch(self._epoch + 1)
+
+    def _absorb(self, meta: dict) -> None:
+        w = meta["worker"]
+        self._workers[str(w)] = meta["pos"]
+        self._next_worker = (w + 1) % max(1, self.num_workers)
+        m = self._metrics
+        if meta["n"]:
+            m["samples"] += meta["n"]
+            m["batches"] += 1
+        for group in ("skipped", "repaired"):
+            for reason, count in meta[group].items():
+                m[group][reason] = m[group].get(reason, 0) + count
+        for err in meta["shard_errors"]:
+            entry = m["shard_errors"].setdefault(err["shard"], {"reason": err["reason"], "error": err["error"]})
+            entry["count"] = entry.get("count", 0) + 1
+
+    # ---- position and metrics
+
+    @property
+    def metrics(self) -> dict:
+        """Counts since construction (or the restored state), aggregated over workers:
+
+        ``{"samples": int, "batches": int, "skipped": {reason: int}, "repaired": {reason: int},
+        "shard_errors": {shard: {"reason": "unreadable"|"truncated", "error": str, "count": int}}}``
+        """
+        out = copy.deepcopy(self._metrics)
+        out["skipped_total"] = sum(out["skipped"].values())
+        return out
+
+    def state_dict(self) -> dict:
+        """The position as a JSON-able dict (see docs/data.md, "Shards and loaders")."""
+        return {
+            "version": STATE_VERSION,
+            "seed": self.dataset.seed,
+            "epoch": self._epoch,
+            "rank": self.dataset.rank,
+            "world_size": self.dataset.world_size,
+            "num_workers": max(1, self.num_workers),
+            "next_worker": self._next_worker,
+            "shards": self._fingerprint,
+            "workers": copy.deepcopy(self._workers),
+            "metrics": copy.deepcopy(self._metrics),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by :meth:`state_dict`.
+
+        Raises:
+            ValueError: when the state was saved with other shards, seed, rank, world size or number of workers.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown loader state version {state.get('version')!r}")
+        expected = {
+            "seed": self.dataset.seed,
+            "rank": self.dataset.rank,
+            "world_size": self.dataset.world_size,
+            "num_workers": max(1, self.num_workers),
+            "shards": self._fingerprint,
+        }
+        for name, value in expected.items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"cannot resume the data position: saved {name}={state.get(name)!r}, this loader has {value!r}"
+                )
+        self._epoch = int(state["epoch"])
+        self._workers = copy.deepcopy(state["workers"])
+        self._next_worker = int(state["next_worker"])
+        self._metrics = _empty_metrics() | copy.deepcopy(state.get("metrics", {}))
+
+
+def build_shard_loader(
+    source: SourceSpec,
+    *,
+    batch_size: int,
+    image_transform: Callable[[Any], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor] | None,
+    num_workers: int = 2,
+    equal_batches: bool | None = None,
+    pin_memory: bool = False,
+    **dataset_kwargs: Any,
+) -> ShardLoader:
+    """Build a :class:`ShardLoader` over webdataset shards.
+
+    Args:
+        source: shard spec(s): path, brace range, glob, directory, URL, ``::``-list or weighted list.
+        batch_size: samples per batch on this rank.
+        image_transform: PIL image -> tensor [3, H, W] (e.g. ``vlkit.data.transforms.get_transform(model, train)``).
+        tokenizer: list[str] -> LongTensor [B, 77] (e.g. ``vlkit.data.tokenizer.get_tokenizer("clip")``).
+        num_workers: DataLoader workers.
+        equal_batches, pin_memory: see :class:`ShardLoader`.
+        **dataset_kwargs: :class:`ShardDataset` options (weights, seed, shuffle, shuffle_buffer, resampled,
+            image_key, text_key, label_key, num_samples, drop_last, decode, rank, world_size).
+    """
+    dataset = ShardDataset(
+        source, batch_size=batch_size, image_transform=image_transform, tokenizer=tokenizer, **dataset_kwargs
+    )
+    return ShardLoader(dataset, num_workers=num_workers, equal_batches=equal_batches, pin_memory=pin_memory)
+
+
+def loader_from_config(
+    data_cfg: Any,
+    *,
+    batch_size: int,
+    image_transform: Callable[[Any], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor] | None,
+    train: bool = True,
+    seed: int = 0,
+    label_key: str | None = None,
+) -> ShardLoader:
+    """Build the loader a ``data:`` config section describes (``kind`` webdataset or csv).
+
+    Keys used: ``train_path`` / ``val_path``, ``dataset_size``, ``num_workers``, ``shuffle_buffer``, ``resampled``,
+    ``image_key``, ``text_key``. Evaluation (``train=False``) reads every sample once, in order, unshuffled.
+    """
+    path = data_cfg.train_path if train else data_cfg.val_path
+    if not path:
+        raise ValueError(f"data.{'train' if train else 'val'}_path is not set")
+    common = dict(
+        batch_size=batch_size,
+        image_transform=image_transform,
+        tokenizer=tokenizer,
+        seed=seed,
+        shuffle=train,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        resampled=bool(data_cfg.resampled) and train,
+        label_key=label_key,
+        num_samples=data_cfg.dataset_size if train else None,
+    )
+    if data_cfg.kind == "csv":
+        from vlkit.data.csvdata import CsvDataset
+
+        dataset = CsvDataset(path, **common)
+    else:
+        dataset = ShardDataset(path, image_key=data_cfg.image_key, text_key=data_cfg.text_key, **common)
+    return ShardLoader(dataset, num_workers=data_cfg.num_workers, equal_batches=None if train else False)
+
+
+def iter_samples(urls: Iterable[str], **kwargs: Any) -> Iterator[tuple[str, Record | ShardError]]:
+    """Every raw record of ``urls`` in order, and a ShardError in place of each broken shard (for tools)."""
+    for url in urls:
+        try:
+            for record in iter_tar(url, **kwargs):
+                yield url, record
+        except ShardError as e:
+            yield url, e
+
+
+def dumps_state(state: dict) -> str:
+    """The loader state as compact JSON (what a checkpoint stores)."""
+    return json.dumps(state, separators=(",", ":"), sort_keys=True)
