@@ -1,0 +1,114 @@
+import argparse
+import json
+
+import pytest
+
+from vlkit.eval.cli import main, register
+
+COMMANDS = ("zeroshot", "retrieval", "classify")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "--model" in capsys.readouterr().out
+
+
+def test_register_adds_the_eval_group():
+    parser = argparse.ArgumentParser(prog="vlkit")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "retrieval", "--model", "m", "--data", "d", "--recall-k", "1,3"])
+    assert args.eval_task == "retrieval" and args.recall_k == (1, 3) and callable(args.func)
+
+
+def test_missing_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["zeroshot", "--data", "x"])
+    assert e.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_missing_model_path_exits_2(tmp_path, shapes_dir, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["zeroshot", "--model", str(missing), "--data", str(shapes_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and str(missing) in err
+
+
+def test_missing_data_path_exits_2(tmp_path, clip_dir, capsys):
+    missing = tmp_path / "no-such-data"
+    for command in ("zeroshot", "retrieval"):
+        assert main([command, "--model", str(clip_dir), "--data", str(missing), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--data" in err and str(missing) in err
+
+
+def test_not_a_model_and_wrong_model_kind_exit_2(tmp_path, clip_dir, shapes_folder, capsys):
+    assert main(["classify", "--model", str(tmp_path), "--data", str(shapes_folder)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["classify", "--model", str(clip_dir), "--data", str(shapes_folder), "--quiet"]) == 2
+    assert "zeroshot" in capsys.readouterr().err
+
+
+def test_unlabelled_shards_exit_2(tmp_path, clip_dir, shapes_dir, capsys):
+    # Retrieval-only data (no .cls member) for zero-shot: the message says what is missing.
+    import shutil
+    import tarfile
+
+    src, dst = shapes_dir / "val" / "000000.tar", tmp_path / "nolabels.tar"
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            if not member.name.endswith(".cls"):
+                tout.addfile(member, tin.extractfile(member))
+    shutil.copy(shapes_dir / "classes.json", tmp_path / "classes.json")
+    assert main(["zeroshot", "--model", str(clip_dir), "--data", str(dst), "--quiet", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable samples" in err and "no_label=40" in err
+
+
+def test_zeroshot_json(clip_dir, shapes_dir, tmp_path, capsys):
+    out = tmp_path / "r" / "zs.json"
+    argv = ["zeroshot", "--model", str(clip_dir), "--data", str(shapes_dir), "--json", "--quiet", "--workers", "0",
+            "--templates", "simple", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert result["task"] == "zeroshot_classification" and result["model"] == "clip-tiny"
+    assert result["dataset"] == str(shapes_dir)
+    assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
+    assert result["vlkit"]["num_samples"] == 40 and result["vlkit"]["num_templates"] == 1
+    assert json.loads(out.read_text()) == result
+
+
+def test_retrieval_json(clip_dir, shapes_dir, capsys):
+    argv = ["retrieval", "--model", str(clip_dir), "--data", str(shapes_dir / "val"), "--json", "--quiet",
+            "--workers", "0", "--chunk-size", "7", "--dataset-name", "shapes-val"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "zeroshot_retrieval" and result["dataset"] == "shapes-val"
+    for k in (1, 5, 10):
+        for direction in ("image", "text"):
+            assert 0.0 <= result["metrics"][f"{direction}_retrieval_recall@{k}"] <= 1.0
+    assert result["metrics"]["text_retrieval_mean_rank"] >= 1.0
+
+
+def test_classify_text_output(vit_dir, shapes_folder, capsys):
+    argv = ["classify", "--model", str(vit_dir), "--data", str(shapes_folder), "--quiet", "--workers", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("classification") and "acc1" in out and "mean_per_class_recall" in out
+
+
+def test_model_path_follows_the_latest_checkpoint(tmp_path):
+    from vlkit.eval.cli import resolve_model_path
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000600"
+    step.mkdir(parents=True)
+    (step / "config.json").write_text("{}")
+    (step.parent / "latest").write_text("step_00000600\n")
+    assert resolve_model_path(str(tmp_path / "run")) == str(step)
+    assert resolve_model_path(str(step.parent)) == str(step)
+    assert resolve_model_path(str(step)) == str(step)
