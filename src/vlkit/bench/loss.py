@@ -352,7 +352,8 @@ def _plot(results: list[dict], path: Path) -> str | None:
         ax.set_xlabel("batch size B")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.suptitle("Contrastive loss, forward + backward")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
