@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vlkit info clip-b16
+	$(BIN)/vlkit demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests

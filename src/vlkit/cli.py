@@ -18,10 +18,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # Commands whose capability has not landed yet: name -> (one-line help, the issue that delivers it).
 PLANNED = {
-    "eval": ("evaluate: zeroshot | retrieval | classify", "the Evaluation issue"),
     "convert": ("convert checkpoints from/to Hugging Face and open_clip", "the Interop issue"),
     "chat": ("chat with a NeVA model about an image", "the NeVA issue"),
-    "demo": ("the main job: synthetic data, train a small CLIP on the CPU, evaluate, report", "the Evaluation issue"),
 }
 
 
@@ -116,8 +114,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
-    _register_modules(sub, ("vlkit.train.cli",))
-    for name in ("eval", "convert", "chat"):
+    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli"))
+    for name in ("convert", "chat"):
         _add_planned(sub, name)
     data_issue, loss_issue = "the Data pipeline issue", "the Contrastive loss engine issue"
     _add_group(
@@ -136,7 +134,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         {"loss": loss_issue, "train": "the Trainer issue", "data": data_issue, "tokenizer": data_issue},
         load=command == "bench",
     )
-    _add_planned(sub, "demo")
+    _register_modules(sub, ("vlkit.demo",))
     return parser
 
 

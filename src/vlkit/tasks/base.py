@@ -49,6 +49,10 @@ class Task:
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def evaluate(self, model: nn.Module, step: int, out_dir: Any) -> dict[str, float]:
+        """Held-out metrics during training, called on every rank (evaluation is sharded). Default: none."""
+        return {}
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Parameter constraints after each step (CLIP clamps its logit scale)."""
 

@@ -42,6 +42,7 @@ class CLIPTask(Task):
         group = dp_group if dp_group is not None else "world"
         self.loss_fn = ContrastiveLoss(m.loss_impl, m.local_loss, m.gather_with_grad, group=group)
         self.frozen: list[nn.Module] = []
+        self.val_path: str | None = cfg.data.val_path
 
     def build_model(self) -> nn.Module:
         return create_model(self.cfg)
@@ -73,6 +74,7 @@ class CLIPTask(Task):
         data = self.cfg.data
         if data.kind == "synthetic_shapes":
             data = ensure_shapes_dataset(data, self.cfg.model.vision.img_h, self.dist.is_main)
+        self.val_path = data.val_path
         tokenizer = get_tokenizer(self.cfg.model.text.tokenizer, self.cfg.model.text.encoder_seq_length)
         return loader_from_config(
             data,
@@ -93,6 +95,14 @@ class CLIPTask(Task):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss_from_features(self.features(model, batch))
+
+    def evaluate(self, model: nn.Module, step: int, out_dir: Any) -> dict[str, float]:
+        """Zero-shot and retrieval on the held-out split (when there is one), sharded over the data-parallel ranks."""
+        if not getattr(self, "val_path", None):
+            return {}
+        from vlkit.eval import run_eval_during_training
+
+        return run_eval_during_training(model, self.cfg, step, data=self.val_path, group=self.dp_group, out_dir=out_dir)
 
     def after_optimizer_step(self, model: nn.Module) -> None:
         # The clamp also applies in forward; clamping the stored value too keeps it from drifting far above, where

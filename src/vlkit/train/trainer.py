@@ -299,6 +299,15 @@ class Trainer:
                     if self.dist.is_main:
                         _write(bar, format_line(self.step, tcfg.max_steps, metrics))
                     meter.reset()
+                interval = tcfg.val_check_interval
+                if self.step == tcfg.max_steps or (interval and self.step % interval == 0):
+                    evaluation = self.task.evaluate(self.model, self.step, self.out_dir)
+                    if evaluation:
+                        sinks.log(self.step, evaluation)
+                        self.history.append({"step": self.step, **evaluation})
+                        if self.dist.is_main:
+                            _write(bar, f"step {self.step} eval | " + " | ".join(
+                                f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in evaluation.items()))  # fmt: skip
                 every_ckpt = tcfg.checkpoint.every_n_steps
                 if every_ckpt and self.step % every_ckpt == 0 and self.step < tcfg.max_steps:
                     self.save()
