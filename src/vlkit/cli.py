@@ -103,9 +103,9 @@ def _add_group(
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The full parser; the sub-commands of ``data`` and ``bench`` are imported only when ``argv`` names them."""
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
+    """The full parser. Given ``argv`` (as ``main`` does), the sub-commands of ``data`` and ``bench`` are imported
+    only when ``argv`` names them; without it, everything is loaded."""
+    command = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
     parser = argparse.ArgumentParser(
         prog="vlkit",
         description="Pretrain, fine-tune, evaluate and serve vision-language models (CLIP, ViT, NeVA).",
@@ -124,7 +124,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "dataset tools: the synthetic shapes dataset, checking shards, writing shards",
         DATA_COMMANDS,
         {"shapes": data_issue, "check": data_issue, "from-folder": data_issue, "from-csv": data_issue},
-        load=command == "data",
+        load=command in (None, "data"),
     )
     _add_group(
         sub,
@@ -132,7 +132,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "benchmarks: our figure and the peers' side by side, in one run",
         BENCH_COMMANDS,
         {"loss": loss_issue, "train": "the Trainer issue", "data": data_issue, "tokenizer": data_issue},
-        load=command == "bench",
+        load=command in (None, "bench"),
     )
     _register_modules(sub, ("vlkit.demo",))
     return parser
