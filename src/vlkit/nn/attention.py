@@ -71,10 +71,12 @@ class Attention(nn.Module):
         """[B, T, groups * (rep + 2) * d] -> q [B, H, T, d], k and v [B, KV, T, d] (H, KV local to this rank)."""
         b, t, _ = qkv.shape
         rep, d = self.group_size, self.head_dim
-        qkv = qkv.view(b, t, -1, rep + 2, d)
-        q = qkv[:, :, :, :rep].reshape(b, t, -1, d).transpose(1, 2)
-        k = qkv[:, :, :, rep].transpose(1, 2)
-        v = qkv[:, :, :, rep + 1].transpose(1, 2)
+        # One split (its backward is a single cat) rather than three slices, whose backward builds three
+        # zero-filled full-size gradients and adds them.
+        q, k, v = qkv.view(b, t, -1, rep + 2, d).split([rep, 1, 1], dim=3)
+        q = q.reshape(b, t, -1, d).transpose(1, 2)
+        k = k.squeeze(3).transpose(1, 2)
+        v = v.squeeze(3).transpose(1, 2)
         return q, k, v
 
     def forward(
