@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlkit.config import load_config
+from vlkit.parallel import DistInfo
 from vlkit.train.trainer import NonFiniteLossError, Trainer, accumulation_steps
 
 HERE = Path(__file__).parent
@@ -96,3 +97,53 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
         trainer.fit()
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by a skipped step"
+
+
+class _MeanSquareTask(FixedDataCLIPTask):
+    """A per-sample-mean loss on the CLIP features: accumulating micro-batches must equal the full batch."""
+
+    def loss(self, model, batch):
+        out = model(batch["image"], batch["text"])
+        return (out["image_features"] - out["text_features"]).pow(2).sum(-1).mean(), {}
+
+
+def test_gradient_accumulation_equals_the_full_batch(tmp_path):
+    weights = []
+    for micro in (8, 2):
+        cfg = load_config("clip-tiny", [*BASE, f"trainer.output_dir={tmp_path / str(micro)}", "trainer.max_steps=2",
+                                        f"trainer.micro_batch_size={micro}", "trainer.global_batch_size=8",
+                                        "trainer.logging.jsonl=false"])  # fmt: skip
+        trainer = Trainer(cfg, _MeanSquareTask)
+        trainer.fit()
+        weights.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert_same_weights(weights[1], weights[0])
+
+
+def test_locked_image_tower_stays_frozen_and_in_eval_mode(tmp_path):
+    cfg = load_config("clip-tiny", [*BASE, f"trainer.output_dir={tmp_path}", "trainer.max_steps=2",
+                                    "trainer.micro_batch_size=4", "model.lock_image=true",
+                                    "model.vision.hidden_dropout=0.1", "trainer.logging.jsonl=false"])  # fmt: skip
+    trainer = Trainer(cfg, FixedDataCLIPTask)
+    before = {k: v.clone() for k, v in trainer.model.visual.state_dict().items()}
+    text_before = trainer.model.text.token_embed.weight.clone()
+    trainer.fit()
+    assert all(not p.requires_grad for p in trainer.model.visual.parameters())
+    assert not trainer.model.visual.training and trainer.model.text.training
+    for k, v in trainer.model.visual.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(trainer.model.text.token_embed.weight, text_before)
+    # Frozen parameters carry no optimizer state.
+    frozen = {id(p) for p in trainer.model.visual.parameters()}
+    assert not any(id(p) in frozen for g in trainer.optimizer.param_groups for p in g["params"])
+
+
+def test_lit_unlocked_groups_train_the_last_blocks(tmp_path):
+    cfg = load_config("clip-tiny", [*BASE, f"trainer.output_dir={tmp_path}", "model.lock_image=true",
+                                    "model.lock_image_unlocked_groups=1"])  # fmt: skip
+    task = FixedDataCLIPTask(cfg, DistInfo())
+    model = task.build_model()
+    task.prepare_model(model)
+    blocks = model.visual.transformer.blocks
+    assert all(not p.requires_grad for p in blocks[0].parameters())
+    assert all(p.requires_grad for p in blocks[1].parameters())
+    assert model.visual.proj.weight.requires_grad and not model.visual.patch_embed.proj.weight.requires_grad

@@ -29,6 +29,11 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.train.trainer import NonFiniteLossError, Trainer
 
     cfg = load_config(args.config, args.overrides)  # a bad config exits 2 before any work
+    if cfg.data.kind != "synthetic_shapes" and not cfg.data.train_path:
+        hint = "pass data.train_path=... with your shards, e.g. '/data/cc3m/{0000..0331}.tar'"
+        print(f"vlkit train: error: data.train_path is not set ({args.config} reads data.kind={cfg.data.kind}; {hint})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     task_cls = task_for(cfg.model.arch)
     try:
         trainer = Trainer(cfg, task_cls)

@@ -218,7 +218,7 @@ class Trainer:
 
     def train_step(self, batches: list[Batch]) -> dict[str, float]:
         self.task.set_train_mode(self.model)
-        if self.cfg.trainer.gradient_cache:
+        if self.cfg.trainer.gradient_cache and len(batches) > 1:  # one micro-batch: the cache would only cost
             loss, metrics = self._gradient_cache(batches)
         else:
             loss, metrics = self._accumulate(batches)
