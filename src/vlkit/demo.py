@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = 700
 
 
 def register(sub: argparse._SubParsersAction) -> None:
