@@ -160,7 +160,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # adamw | adam | sgd | adafactor. "distributed_fused_adam" (NeMo) is accepted and means adamw with FSDP-sharded state.
+    # adamw | adam | sgd | adafactor. NeMo's "distributed_fused_adam" is accepted: adamw with FSDP-sharded state.
     name: str = "adamw"
     lr: float = 5e-4
     weight_decay: float = 0.2
