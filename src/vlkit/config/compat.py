@@ -129,8 +129,10 @@ def normalize_values(cfg: Config) -> list[str]:
     if name in OPTIM_ALIASES:
         cfg.optim.name = OPTIM_ALIASES[name]
     if cfg.parallel.fsdp is not None:
-        cfg.parallel.data_parallel = "fsdp" if cfg.parallel.fsdp else (
-            "ddp" if cfg.parallel.data_parallel == "fsdp" else cfg.parallel.data_parallel
+        cfg.parallel.data_parallel = (
+            "fsdp"
+            if cfg.parallel.fsdp
+            else ("ddp" if cfg.parallel.data_parallel == "fsdp" else cfg.parallel.data_parallel)
         )
     sched = cfg.schedule.name.lower()
     if sched in SCHEDULE_ALIASES:
