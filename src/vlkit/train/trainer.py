@@ -109,7 +109,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _state(self) -> dict:
-        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": _config_dict(self.cfg)}
+        state = {"step": self.step, "nonfinite_total": self.nonfinite_total, "config": asdict(self.cfg)}
         if hasattr(self.loader, "state_dict"):
             # Every rank reads its own part of the data: keep all positions (the checkpoint's JSON is rank 0's).
             positions = [self.loader.state_dict()]
@@ -332,10 +332,3 @@ def _write(bar, line: str) -> None:
         bar.write(line)
     else:
         print(line, flush=True)
-
-
-def _config_dict(cfg: Config) -> dict:
-    try:
-        return asdict(cfg)
-    except TypeError:
-        return {}
