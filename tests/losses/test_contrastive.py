@@ -10,19 +10,6 @@ import vlkit.losses.contrastive as contrastive_mod
 from vlkit.losses import IMPLS, ContrastiveLoss, contrastive_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_small_cases(request):
-    # Small tiles gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waits for a
-    # descheduled thread dominate their run time. The large (slow-marked) cases keep every thread.
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grads(impl, x, y, scale=14.3, **kw):
     xl = x.float().clone().requires_grad_()
     yl = y.float().clone().requires_grad_()

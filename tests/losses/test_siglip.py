@@ -9,19 +9,6 @@ from loss_reference import grad_err, rel_err, siglip_reference, unit_features
 from vlkit.losses import SigLipLoss, naive_siglip_loss, siglip_loss, tiled_siglip_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_small_cases(request):
-    # Small tiles gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's waits for a
-    # descheduled thread dominate their run time. The large (slow-marked) cases keep every thread.
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(fn, x, y, scale, bias, dtype=torch.float32):
     xl = x.to(dtype).clone().requires_grad_()
     yl = y.to(dtype).clone().requires_grad_()
