@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STEPS = 700
+DEFAULT_STEPS = 1400
 
 
 def register(sub: argparse._SubParsersAction) -> None:
