@@ -149,10 +149,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.plan.autocast_dtype)
 
-    def _micro_batches(self, batches_iter) -> tuple[list[Batch], float]:
+    def _micro_batches(self, batches_iter) -> tuple[list[Batch], float, int | None]:
+        """The step's micro-batches on the device, the time spent waiting for them, and their FLOPs.
+
+        FLOPs are counted from the host copies, before the transfer, so counting never syncs with the device."""
         t0 = time.perf_counter()
-        batches = [to_device(next(batches_iter), self.device) for _ in range(self.accum)]
-        return batches, time.perf_counter() - t0
+        host = [next(batches_iter) for _ in range(self.accum)]
+        wait = time.perf_counter() - t0
+        flops = [self.task.train_flops(b) for b in host]
+        return [to_device(b, self.device) for b in host], wait, None if None in flops else sum(flops)
 
     def _accumulate(self, batches: list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
         total, metrics = torch.zeros((), device=self.device), {}
@@ -279,12 +284,10 @@ class Trainer:
         batches_iter = self._batches()
         try:
             while self.step < tcfg.max_steps:
-                batches, wait = self._micro_batches(batches_iter)
+                batches, wait, flops = self._micro_batches(batches_iter)
                 metrics = self.train_step(batches)
                 self.step += 1
-                flops = [self.task.train_flops(b) for b in batches]
-                meter.update(sum(self.task.batch_size(b) for b in batches), wait,
-                             None if None in flops else sum(flops))  # fmt: skip
+                meter.update(sum(self.task.batch_size(b) for b in batches), wait, flops)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
