@@ -16,11 +16,11 @@ from vlkit.eval.common import (
     autocast_dtype,
     classification_pass,
     eval_mode,
-    is_sharded,
     model_device,
     model_names,
     no_samples_error,
     open_eval_data,
+    refuse_lone_shard,
     resolve_shard,
     skipped_counts,
     unwrap,
@@ -72,8 +72,7 @@ def evaluate_classifier(
     if num_classes is None:
         raise EvalUsageError(f"a {type(inner).__name__} carries no config.num_classes: not a vlkit classifier")
     shard = resolve_shard(distributed, group)
-    if is_sharded(inner) and not shard.distributed and torch.distributed.is_initialized():
-        raise EvalUsageError("the model is sharded across ranks (FSDP / tensor parallel): evaluate on every rank")
+    refuse_lone_shard(inner, shard)
     device = model_device(inner)
     dtype = autocast_dtype(precision, device)
     progress = progress and shard.rank == 0

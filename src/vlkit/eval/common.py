@@ -735,3 +735,44 @@ def model_names(model_path: str | os.PathLike | None, model_name: str | None) ->
     path = os.fspath(model_path) if model_path is not None else ""
     name = model_name or (Path(path).name if path else "")
     return name, path
+
+
+def refuse_lone_shard(inner: nn.Module, shard: Any) -> None:
+    """A model sharded over ranks (FSDP / tensor parallel) can only be evaluated by all its ranks together."""
+    if is_sharded(inner) and not shard.distributed and torch.distributed.is_initialized():
+        raise EvalUsageError("the model is sharded across ranks (FSDP / tensor parallel): evaluate on every rank")
+
+
+@dataclass
+class ClipEvalSetup:
+    inner: nn.Module
+    shard: Any
+    device: torch.device
+    dtype: Any
+    progress: bool
+    transform: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+
+
+def prepare_clip_eval(
+    model: nn.Module, purpose: str, hint: str, *, distributed, group, precision, progress, transform, tokenizer
+) -> ClipEvalSetup:
+    """What zero-shot and retrieval evaluation share: the unwrapped model, the shard, device and autocast dtype,
+    and the model's own eval transform and tokenizer unless the caller gives them."""
+    inner = unwrap(model)
+    require_methods(inner, ("encode_image", "encode_text"), purpose, hint)
+    shard = resolve_shard(distributed, group)
+    refuse_lone_shard(inner, shard)
+    register_forward_methods(inner, ("encode_image", "encode_text"))
+    device = model_device(inner)
+    if transform is None:
+        from vlkit.data.transforms import get_transform
+
+        transform = get_transform(inner, train=False)
+    if tokenizer is None:
+        from vlkit.data.tokenizer import get_tokenizer
+
+        text_cfg = inner.config.text
+        tokenizer = get_tokenizer(text_cfg.tokenizer, text_cfg.encoder_seq_length)
+    return ClipEvalSetup(inner, shard, device, autocast_dtype(precision, device), progress and shard.rank == 0,
+                         transform, tokenizer)  # fmt: skip

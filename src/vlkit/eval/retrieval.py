@@ -27,28 +27,21 @@ from torch import nn
 
 from vlkit.eval.common import (
     EvalResult,
-    EvalUsageError,
     Shard,
     all_gather_counts,
     all_gather_objects,
     all_gather_rows,
     all_reduce_sum,
     autocast,
-    autocast_dtype,
     eval_mode,
     image_size,
-    is_sharded,
     lockstep,
-    model_device,
     model_names,
     no_samples_error,
     open_eval_data,
+    prepare_clip_eval,
     progress_bar,
-    register_forward_methods,
-    require_methods,
-    resolve_shard,
     skipped_counts,
-    unwrap,
 )
 
 TASK = "zeroshot_retrieval"
@@ -235,24 +228,19 @@ def evaluate_retrieval(
         (image -> text), ``*_mean_rank``, ``*_median_rank``; details ``image_to_text_ranks``,
         ``text_to_image_ranks``, ``text_to_image``, ``keys`` (and the features when asked).
     """
-    inner = unwrap(model)
-    require_methods(inner, ("encode_image", "encode_text"), "retrieval", "Retrieval needs a CLIP model.")
-    shard = resolve_shard(distributed, group)
-    if is_sharded(inner) and not shard.distributed and torch.distributed.is_initialized():
-        raise EvalUsageError("the model is sharded across ranks (FSDP / tensor parallel): evaluate on every rank")
-    register_forward_methods(inner, ("encode_image", "encode_text"))
-    device = model_device(inner)
-    dtype = autocast_dtype(precision, device)
-    progress = progress and shard.rank == 0
-    if transform is None:
-        from vlkit.data.transforms import get_transform
-
-        transform = get_transform(inner, train=False)
-    if tokenizer is None:
-        from vlkit.data.tokenizer import get_tokenizer
-
-        text_cfg = inner.config.text
-        tokenizer = get_tokenizer(text_cfg.tokenizer, text_cfg.encoder_seq_length)
+    setup = prepare_clip_eval(
+        model,
+        "retrieval",
+        "Retrieval needs a CLIP model.",
+        distributed=distributed,
+        group=group,
+        precision=precision,
+        progress=progress,
+        transform=transform,
+        tokenizer=tokenizer,
+    )
+    inner, shard, device, dtype, progress = setup.inner, setup.shard, setup.device, setup.dtype, setup.progress
+    transform, tokenizer = setup.transform, setup.tokenizer
     ed = open_eval_data(
         data,
         transform=transform,

@@ -27,16 +27,13 @@ from vlkit.eval.common import (
     autocast_dtype,
     classification_pass,
     eval_mode,
-    is_sharded,
     logit_scale,
     model_device,
     model_names,
     no_samples_error,
     open_eval_data,
+    prepare_clip_eval,
     progress_bar,
-    register_forward_methods,
-    require_methods,
-    resolve_shard,
     skipped_counts,
     unwrap,
 )
@@ -189,24 +186,19 @@ def evaluate_zeroshot(
         EvalUsageError: a missing path, a model without text tower, labels that do not match the classes, or no
             usable samples.
     """
-    inner = unwrap(model)
-    require_methods(inner, ("encode_image", "encode_text"), "zero-shot evaluation", "Use classify for a classifier.")
-    shard = resolve_shard(distributed, group)
-    if is_sharded(inner) and not shard.distributed and torch.distributed.is_initialized():
-        raise EvalUsageError("the model is sharded across ranks (FSDP / tensor parallel): evaluate on every rank")
-    register_forward_methods(inner, ("encode_image", "encode_text"))
-    device = model_device(inner)
-    dtype = autocast_dtype(precision, device)
-    progress = progress and shard.rank == 0
-    if transform is None:
-        from vlkit.data.transforms import get_transform
-
-        transform = get_transform(inner, train=False)
-    if tokenizer is None:
-        from vlkit.data.tokenizer import get_tokenizer
-
-        text_cfg = inner.config.text
-        tokenizer = get_tokenizer(text_cfg.tokenizer, text_cfg.encoder_seq_length)
+    setup = prepare_clip_eval(
+        model,
+        "zero-shot evaluation",
+        "Use classify for a classifier.",
+        distributed=distributed,
+        group=group,
+        precision=precision,
+        progress=progress,
+        transform=transform,
+        tokenizer=tokenizer,
+    )
+    inner, shard, device, dtype, progress = setup.inner, setup.shard, setup.device, setup.dtype, setup.progress
+    transform, tokenizer = setup.transform, setup.tokenizer
 
     ed = open_eval_data(
         data,
