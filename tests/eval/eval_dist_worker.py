@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import vlkit
 from vlkit.eval import evaluate_retrieval, evaluate_zeroshot
-from vlkit.parallel import build_mesh
+from vlkit.parallel import build_mesh, cleanup
 from vlkit.parallel.parallelize import apply_fsdp
 
 
@@ -38,5 +38,5 @@ result["fsdp"] = run_all(model)
 if rank == 0:
     with open(out, "w") as f:
         json.dump(result, f)
-dist.barrier()
-dist.destroy_process_group()
+del model  # release the FSDP mesh's process group before tearing it down
+cleanup()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vlkit.config import load_config
 from vlkit.models import create_model
-from vlkit.parallel import build_mesh, init_distributed, parallelize
+from vlkit.parallel import build_mesh, cleanup, init_distributed, parallelize
 
 TOL = 1e-5
 
@@ -106,5 +106,4 @@ def tensor_parallel(mode: str) -> None:
 if __name__ == "__main__":
     mode = sys.argv[1]
     (train_steps if mode in ("ddp", "fsdp") else tensor_parallel)(mode)
-    dist.barrier()
-    dist.destroy_process_group()
+    cleanup()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import vlkit
 import vlkit.train.checkpoint as ckpt
+from vlkit.parallel import cleanup
 from vlkit.train.checkpoint import CheckpointManager
 
 
@@ -124,8 +125,10 @@ def distributed(directory: Path) -> None:
         round_trip("fsdp", directory / "fsdp", mesh, sharded=None)
         round_trip("fsdp", directory / "fsdp_single", mesh, sharded=False)
         round_trip("ddp", directory / "ddp", None, sharded=None)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        cleanup(wait_for_peers=False)  # the peers may never reach a barrier
+        raise
+    cleanup()
 
 
 def saver(directory: Path) -> None:

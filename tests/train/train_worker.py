@@ -42,4 +42,5 @@ if __name__ == "__main__":
     )
     if trainer.dist.is_main:
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / "final.safetensors"))
+    del trainer, state  # release the FSDP meshes' process groups before tearing them down
     cleanup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -101,6 +102,18 @@ def build_mesh(device: torch.device, tensor_parallel_size: int = 1) -> DeviceMes
     )
 
 
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(wait_for_peers: bool = True) -> None:
+    """Tear the process groups down on every rank together.
+
+    A rank that destroys its groups while a peer is still talking to it, or that leaves group objects (held by FSDP
+    meshes) to interpreter shutdown, can abort inside gloo's C++ threads and turn a finished run into a crash. So:
+    collect dead objects first, meet the peers at a barrier, then destroy. After a failure the peers may never reach
+    the barrier; pass ``wait_for_peers=False`` there.
+    """
+    gc.collect()
+    if not dist.is_initialized():
+        return
+    if wait_for_peers:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()

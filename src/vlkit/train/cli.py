@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.config import load_config
     from vlkit.parallel import cleanup
     from vlkit.tasks import task_for
-    from vlkit.train.trainer import NonFiniteLossError, Trainer
+    from vlkit.train.trainer import NonFiniteLossError
 
     cfg = load_config(args.config, args.overrides)  # a bad config exits 2 before any work
     if cfg.data.kind != "synthetic_shapes" and not cfg.data.train_path:
@@ -34,13 +34,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlkit train: error: data.train_path is not set ({args.config} reads data.kind={cfg.data.kind}; {hint})",
               file=sys.stderr)  # fmt: skip
         return 2
-    task_cls = task_for(cfg.model.arch)
+    finished_together = False  # every rank raises NonFiniteLossError at the same step (the loss is all-reduced)
     try:
-        trainer = Trainer(cfg, task_cls)
-        trainer.fit()
+        _fit(cfg, task_for(cfg.model.arch))
+        finished_together = True
     except NonFiniteLossError as e:
+        finished_together = True
         print(f"vlkit train: {e}", file=sys.stderr)
         return 1
     finally:
-        cleanup()
+        cleanup(wait_for_peers=finished_together)
     return 0
+
+
+def _fit(cfg, task_cls) -> None:
+    # Its own frame, so the trainer (and the process groups its model holds) is released before cleanup().
+    from vlkit.train.trainer import Trainer
+
+    Trainer(cfg, task_cls).fit()
