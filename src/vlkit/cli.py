@@ -18,7 +18,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # Commands whose capability has not landed yet: name -> (one-line help, the issue that delivers it).
 PLANNED = {
-    "convert": ("convert checkpoints from/to Hugging Face and open_clip", "the Interop issue"),
     "chat": ("chat with a NeVA model about an image", "the NeVA issue"),
 }
 
@@ -114,8 +113,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
-    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli"))
-    for name in ("convert", "chat"):
+    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.interop.cli"))
+    for name in PLANNED:
         _add_planned(sub, name)
     data_issue, loss_issue = "the Data pipeline issue", "the Contrastive loss engine issue"
     _add_group(

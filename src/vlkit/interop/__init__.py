@@ -1,5 +1,32 @@
-"""Weight formats: vlkit's own directories (native.py); Hugging Face and open_clip converters join here."""
+"""Weight formats: vlkit's own directories (native.py), Hugging Face transformers CLIP (hf.py), open_clip
+(open_clip.py), the NeVA vision-encoder loader (vision.py) and ``vlkit convert`` (cli.py).
 
-from vlkit.interop.native import ModelFormatError, load_model, load_state_dict, save_model
+Imported lazily, so that ``vlkit --help`` (which registers ``vlkit convert``) does not pay for importing torch.
+"""
 
-__all__ = ["ModelFormatError", "load_model", "load_state_dict", "save_model"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelFormatError": "vlkit.interop.native",
+    "detect_format": "vlkit.interop.native",
+    "load_model": "vlkit.interop.native",
+    "load_state_dict": "vlkit.interop.native",
+    "save_model": "vlkit.interop.native",
+    "load_hf": "vlkit.interop.hf",
+    "save_hf": "vlkit.interop.hf",
+    "convert_hf_to_vlkit": "vlkit.interop.hf",
+    "load_open_clip": "vlkit.interop.open_clip",
+    "save_open_clip": "vlkit.interop.open_clip",
+    "load_vision_encoder": "vlkit.interop.vision",
+    "VisionEncoder": "vlkit.interop.vision",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vlkit.interop' has no attribute {name!r}")

@@ -1,15 +1,21 @@
 """vlkit's own model directory: ``config.json`` (format marker + model config) and ``model.safetensors``.
 
 Writing is atomic: everything goes to a temporary sibling directory, is fsynced, and replaces the target with a
-rename, so a crash mid-save never destroys the previous good copy. Loading never unpickles anything.
+rename, so a crash mid-save never destroys the previous good copy.
+
+:func:`load_model` also takes Hugging Face CLIP directories and open_clip checkpoints: the format is recognised by
+content (the config's fields, a weights file's keys), never by file name. Pickled weights (``.bin``/``.pt``) are
+read with ``torch.load(weights_only=True)`` only, so a file that would run code is refused, never executed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +25,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlkit import __version__
-from vlkit.models.factory import create_model, model_config_dict
+from vlkit.models.factory import create_model, model_config_dict, resolve_model_config
 
 FORMAT = "vlkit"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+# config.json keys naming the tokenizer files a converter copied into the directory (see interop/hf.py).
+TOKENIZER_FILES_KEY = "tokenizer_files"
 
 
 class ModelFormatError(ValueError):
@@ -89,18 +98,33 @@ def atomic_write_dir(target: Path, write: Any) -> None:
         raise
 
 
-def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model`` (built by :func:`vlkit.create_model`) to directory ``path``; returns the path."""
+def write_model_files(model: nn.Module, directory: Path, extra: dict | None = None) -> None:
+    """Write config.json and model.safetensors of ``model`` into an existing directory (no atomicity: callers
+    write into :func:`atomic_write_dir`'s temporary directory, possibly with more files next to them)."""
     model = getattr(model, "_orig_mod", model)
     config = {"format": FORMAT, "vlkit_version": __version__, "model": model_config_dict(model), **(extra or {})}
     tensors, aliases = _dedupe(clean_state_dict(model))
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
-    atomic_write_dir(Path(path), write)
+def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` (built by :func:`vlkit.create_model`) to directory ``path``; returns the path."""
+    atomic_write_dir(Path(path), lambda tmp: write_model_files(model, tmp, extra))
     return Path(path)
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from ``file``; anything else is a ModelFormatError naming the file."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{file}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{file}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{file}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def read_config(path: str | Path) -> dict:
@@ -108,10 +132,7 @@ def read_config(path: str | Path) -> dict:
     cfg_file = path / CONFIG_FILE if path.is_dir() else path
     if not cfg_file.is_file():
         raise ModelFormatError(f"{path}: no {CONFIG_FILE} found (expected a vlkit model directory)")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFormatError(f"{cfg_file}: not valid JSON ({e})") from None
+    config = read_json(cfg_file)
     if config.get("format") != FORMAT:
         raise ModelFormatError(f"{cfg_file}: not a vlkit model config (format={config.get('format')!r})")
     return config
@@ -130,17 +151,199 @@ def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
     return state
 
 
+def _is_safetensors(file: Path) -> bool:
+    """safetensors files start with the 8-byte little-endian length of a JSON header, then the header itself."""
+    with open(file, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < file.stat().st_size
+
+
+def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weights file: safetensors, or a PyTorch file read with ``torch.load(weights_only=True)``.
+
+    A training checkpoint that nests the weights under ``state_dict`` (open_clip's) is unwrapped. A pickle that needs
+    anything beyond tensors and plain containers (for example one that would call a function while loading) is
+    refused with a ModelFormatError: vlkit never unpickles with full pickle.
+    """
+    file = Path(file)
+    if _is_safetensors(file):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    try:
+        # mmap avoids a second in-memory copy; only the zip format (torch.save's default since 1.6) supports it.
+        data = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "error:" in ln), "")
+        raise ModelFormatError(
+            f"{file}: refused: torch.load(weights_only=True) cannot read it as plain tensors"
+            + (f" ({detail})" if detail else "")
+            + ". vlkit never unpickles with full pickle, which could run code; if you trust this file, re-save its "
+            "state dict with safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ModelFormatError(f"{file}: not a safetensors or PyTorch weights file ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{file}: holds a {type(data).__name__}, not a state dict")
+    others = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+    if others:
+        raise ModelFormatError(f"{file}: not a state dict: entries {others[:5]} are not tensors")
+    return data
+
+
+def _listing(path: Path) -> str:
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "it is empty"
+    return "it holds " + ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _open_clip_api():
+    """vlkit.interop.open_clip, or None where it is not installed (the format is then not recognised)."""
+    try:
+        from vlkit.interop import open_clip
+    except ImportError as e:
+        if e.name in ("vlkit.interop.open_clip", "open_clip"):
+            return None
+        raise
+    return open_clip
+
+
+def detect_format(path: str | Path) -> tuple[str, Path]:
+    """Which kind of model ``path`` holds, judged by content: ``(kind, where)``.
+
+    kind is ``vlkit`` (config.json with ``format: vlkit``), ``hf`` (a transformers CLIPModel config.json),
+    ``hf_vision`` (a CLIPVisionModel config.json: a vision tower only) or ``open_clip`` (open_clip_config.json, or a
+    weights file whose keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to
+    load; a path to a directory's config.json means the directory.
+
+    Raises:
+        ModelFormatError: anything else; the message names the path and what was found there.
+    """
+    from vlkit.interop.hf import is_hf_clip_config, is_hf_clip_vision_config, looks_like_hf_clip_state_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"{path}: no such file or directory")
+    if path.is_file() and path.name in (CONFIG_FILE, OPEN_CLIP_CONFIG_FILE):
+        return detect_format(path.parent)
+    open_clip = _open_clip_api()
+    if path.is_dir():
+        cfg_file = path / CONFIG_FILE
+        config = read_json(cfg_file) if cfg_file.is_file() else None
+        if config is not None:
+            if config.get("format") == FORMAT:
+                return "vlkit", path
+            if is_hf_clip_config(config):
+                return "hf", path
+            if is_hf_clip_vision_config(config):
+                return "hf_vision", path
+        if open_clip is not None and open_clip.is_open_clip_dir(path):
+            return "open_clip", path
+        if config is None:
+            raise ModelFormatError(
+                f"{path}: no {CONFIG_FILE} (vlkit or Hugging Face) and no {OPEN_CLIP_CONFIG_FILE}; {_listing(path)}"
+            )
+        raise ModelFormatError(
+            f"{cfg_file}: not a vlkit model config (format={config.get('format')!r}) nor a Hugging Face CLIP config "
+            f"(model_type={config.get('model_type')!r}, architectures={config.get('architectures')!r})"
+        )
+    keys = list(read_weights_file(path))
+    if open_clip is not None and open_clip.looks_like_open_clip_state_dict(keys):
+        return "open_clip", path
+    if looks_like_hf_clip_state_dict(keys):
+        raise ModelFormatError(
+            f"{path}: Hugging Face CLIP weights without their config: pass the directory holding them and config.json"
+        )
+    if any(k.startswith(("visual.patch_embed.", "backbone.patch_embed.")) for k in keys):
+        raise ModelFormatError(f"{path}: vlkit weights: pass the model directory (with its {CONFIG_FILE})")
+    hint = "" if open_clip is not None else " (open_clip support, vlkit.interop.open_clip, is not available)"
+    raise ModelFormatError(f"{path}: a weights file of no known layout{hint}; its {len(keys)} keys begin {keys[:4]}")
+
+
+def vision_grid(model: nn.Module) -> tuple[int, int] | None:
+    """The patch grid of the model's vision tower (None without one)."""
+    from vlkit.models.vit import VisionTransformer
+
+    return next((tuple(m.grid_size) for m in model.modules() if isinstance(m, VisionTransformer)), None)
+
+
+def fit_pos_embed(state: dict[str, torch.Tensor], model: nn.Module, old_grid: tuple[int, int] | None) -> None:
+    """Resample (in place) the vision tower's stored position table, made for ``old_grid``, to ``model``'s grid.
+
+    Done here, knowing the stored grid, rather than by the tower's load hook, which has to guess it (and cannot
+    when an override changes the aspect ratio, e.g. 224x224 -> 224x336).
+    """
+    from vlkit.models.vit import VisionTransformer
+    from vlkit.nn import resample_pos_embed
+
+    for name, module in model.named_modules():
+        if not isinstance(module, VisionTransformer) or old_grid is None:
+            continue
+        key = f"{name}.pos_embed" if name else "pos_embed"
+        if key in state and state[key].ndim == 2 and tuple(module.grid_size) != tuple(old_grid):
+            state[key] = resample_pos_embed(state[key], tuple(module.grid_size), module.num_prefix_tokens, old_grid)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path, strict: bool = True) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise ModelFormatError(f"{where}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+
+
+def with_overrides(model: nn.Module, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+    """``model`` rebuilt with config overrides (e.g. a new image size) and its weights, on ``device``."""
+    if not overrides:
+        return model.to(device)
+    new = create_model(model.config, device=device, **overrides)
+    state = clean_state_dict(model)
+    fit_pos_embed(state, new, vision_grid(model))
+    load_weights(new, state, f"{type(model).__name__} with overrides {overrides}")
+    return new
+
+
+def _load_vlkit(path: Path, device: str | torch.device, strict: bool, overrides: dict[str, Any]) -> nn.Module:
+    config = read_config(path)
+    text = config["model"].get("text")
+    if config.get(TOKENIZER_FILES_KEY) and isinstance(text, dict):
+        from vlkit.data.tokenizer import CLIP_NAMES
+
+        if str(text.get("tokenizer", "clip")).lower() not in CLIP_NAMES:
+            # The tokenizer files travel with the directory: point at them wherever it now lives.
+            text["tokenizer"] = str(path.resolve())
+    stored_grid = None
+    if overrides:
+        stored_grid = resolve_model_config(config["model"]).vision.grid_size
+    model = create_model(config["model"], device=device, **overrides)
+    state = load_state_dict(path, device)
+    fit_pos_embed(state, model, stored_grid)
+    load_weights(model, state, path, strict)
+    return model
+
+
 def load_model(
     path: str | Path, *, device: str | torch.device = "cpu", strict: bool = True, **overrides: Any
 ) -> nn.Module:
-    """Build the model a vlkit directory describes and load its weights.
+    """Build the model a directory or checkpoint describes and load its weights; the format is recognised by content.
 
-    Overrides change the model config before loading, e.g. ``vision__img_h=512, vision__img_w=512`` to fine-tune
-    at a higher resolution: position embeddings are resampled to the new grid.
+    Takes a vlkit directory, a Hugging Face ``CLIPModel`` directory, or an open_clip directory / checkpoint file
+    (see :func:`detect_format`). Overrides change the model config before loading, e.g. ``vision__img_h=512,
+    vision__img_w=512`` to fine-tune at a higher resolution: position embeddings are resampled to the new grid.
+
+    Raises:
+        ModelFormatError: the path holds none of these, or weights that do not fit their config.
     """
-    config = read_config(path)
-    model = create_model(config["model"], device=device, **overrides)
-    missing, unexpected = model.load_state_dict(load_state_dict(path, device), strict=False)
-    if strict and (missing or unexpected):
-        raise ModelFormatError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
-    return model
+    kind, where = detect_format(path)
+    if kind == "vlkit":
+        return _load_vlkit(where, device, strict, overrides)
+    if kind == "hf":
+        from vlkit.interop.hf import load_hf
+
+        return load_hf(where, device=device, **overrides)
+    if kind == "hf_vision":
+        raise ModelFormatError(
+            f"{where}: a Hugging Face CLIP vision tower only (no text tower); load it with vlkit.load_vision_encoder"
+        )
+    model = _open_clip_api().load_open_clip(where)
+    return with_overrides(model, device, **overrides)

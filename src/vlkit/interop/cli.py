@@ -1,0 +1,156 @@
+"""``vlkit convert``: Hugging Face / open_clip checkpoints to vlkit directories and back.
+
+``--from FORMAT`` reads the source as that format (default: recognised by content) and ``--to FORMAT`` writes that
+format (default: vlkit). Exit codes: 0 success, 2 bad usage or a source that is not what was said (the message
+names it), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_USAGE = 0, 2
+SOURCES = ("hf", "open_clip", "llava")
+TARGETS = ("vlkit", "hf", "open_clip")
+# Architecture keys that decide whether a converted model is a preset's network (activation and the rest are
+# reported as differences).
+_ARCH_KEYS = {
+    "vision": ("num_layers", "hidden_size", "ffn_size", "num_attention_heads", "patch_dim", "img_h", "img_w"),
+    "text": ("num_layers", "hidden_size", "ffn_size", "num_attention_heads", "encoder_seq_length", "vocab_size"),
+}
+_DETAIL_KEYS = ("activation", "layernorm_epsilon", "crop_style", "resize_interpolation", "mean", "std")
+
+_EPILOG = """examples:
+  vlkit convert --from hf clip-vit-base-patch32/ --out models/clip-b32
+  vlkit convert --from open_clip open_clip_pytorch_model.bin --model-name ViT-B-32-quickgelu --out models/b32
+  vlkit convert --to hf models/clip-b32 --out exported/clip-b32-hf
+  vlkit convert --to open_clip models/clip-b32 --out exported/clip-b32-open_clip
+  vlkit convert --from hf clip-vit-base-patch32/ --to open_clip --out exported/b32-open_clip"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints from/to Hugging Face and open_clip",
+        description="Convert a CLIP checkpoint between formats with exact parity: Hugging Face transformers "
+        "CLIPModel directories, open_clip directories or checkpoint files, and vlkit directories. The tokenizer "
+        "and the preprocessing (image size, mean, std, crop style, interpolation) travel with the weights.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="the source directory or checkpoint file")
+    p.add_argument("--from", dest="source", choices=SOURCES, help="read SRC as this format (default: by content)")
+    p.add_argument("--to", dest="target", choices=TARGETS, help="write this format (default: vlkit)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the output directory (written atomically)")
+    p.add_argument("--model-name", help="--from open_clip with a checkpoint file: the open_clip model name")
+    p.add_argument("--config", metavar="JSON", help="--from open_clip with a checkpoint file: its model config")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.set_defaults(func=run)
+
+
+class UsageError(Exception):
+    """Bad arguments or a source that is not what was said: exit 2."""
+
+
+def _check_paths(src: Path, out: Path, force: bool) -> None:
+    if not src.exists():
+        raise UsageError(f"{src}: no such file or directory")
+    s, o = src.resolve(), out.resolve()
+    if o == s or s.is_relative_to(o) or o.is_relative_to(s):
+        raise UsageError(f"--out {out} overlaps the source {src}; write somewhere else")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+def _load(args: argparse.Namespace, src: Path):
+    """(model, source format) from SRC."""
+    from vlkit.interop.native import detect_format, load_model
+
+    if args.source == "hf":
+        from vlkit.interop.hf import load_hf
+
+        return load_hf(src), "hf"
+    if args.source == "open_clip":
+        from vlkit.interop.open_clip import load_open_clip
+
+        return load_open_clip(src, model_name=args.model_name, config=args.config), "open_clip"
+    kind, _ = detect_format(src)
+    return load_model(src), kind
+
+
+def _save(model, out: Path, target: str) -> None:
+    from vlkit.interop.native import save_model
+
+    if target == "hf":
+        from vlkit.interop.hf import save_hf
+
+        save_hf(model, out)
+    elif target == "open_clip":
+        from vlkit.interop.open_clip import save_open_clip
+
+        save_open_clip(model, out)
+    else:
+        save_model(model, out)
+
+
+def matching_preset(cfg) -> tuple[str | None, list[str]]:
+    """The CLIP preset whose network ``cfg`` is (same sizes), and how ``cfg`` differs from it otherwise."""
+    from vlkit.config import list_presets, load_config
+
+    for name in list_presets():
+        preset = load_config(name).model
+        if preset.arch != cfg.arch or preset.text is None or cfg.text is None or preset.output_dim != cfg.output_dim:
+            continue
+        towers = {"vision": (preset.vision, cfg.vision), "text": (preset.text, cfg.text)}
+        if all(getattr(a, k) == getattr(b, k) for t, (a, b) in towers.items() for k in _ARCH_KEYS[t]):
+            diffs = [
+                f"model.{t}.{k}={getattr(b, k)} (preset: {getattr(a, k)})"
+                for t, (a, b) in towers.items()
+                for k in _DETAIL_KEYS
+                if hasattr(a, k) and getattr(a, k) != getattr(b, k)
+            ]
+            return name, diffs
+    return None, []
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except UsageError as e:
+        print(f"vlkit convert: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.source is None and args.target is None:
+        raise UsageError("say what to convert: --from hf|open_clip|llava (to vlkit) and/or --to hf|open_clip")
+    if args.source == "llava":
+        print("vlkit convert --from llava: not available yet (delivered by the NeVA issue).", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.model_name or args.config) and args.source != "open_clip":
+        raise UsageError("--model-name and --config describe an open_clip checkpoint: use them with --from open_clip")
+    src, out = Path(args.src), Path(args.out)
+    _check_paths(src, out, args.force)
+    target = args.target or "vlkit"
+
+    from vlkit.interop.native import ModelFormatError
+
+    try:
+        if args.source == "hf" and target == "vlkit":
+            from vlkit.interop.hf import convert_hf_to_vlkit
+
+            model, kind = convert_hf_to_vlkit(src, out), "hf"  # copies the tokenizer files along
+        else:
+            model, kind = _load(args, src)
+            _save(model, out, target)
+    except ModelFormatError as e:
+        raise UsageError(str(e)) from None
+    print(f"{src} ({kind}) -> {out} ({target})")
+    preset, diffs = matching_preset(model.config)
+    if preset is not None:
+        print(f"architecture: the {preset} preset" + (f", except {'; '.join(diffs)}" if diffs else ""))
+    return EXIT_OK
