@@ -1,6 +1,6 @@
 """Building blocks shared by every model: attention, MLPs, norms, RoPE, drop paths, patch/position embeddings."""
 
-from vlkit.nn.attention import Attention, build_attn_mask
+from vlkit.nn.attention import Attention, KVCache, build_attn_mask
 from vlkit.nn.block import Transformer, TransformerBlock
 from vlkit.nn.drop import DropPath, PatchDropout
 from vlkit.nn.embed import PatchEmbed, resample_pos_embed
@@ -11,6 +11,7 @@ from vlkit.nn.rope import RotaryEmbedding, apply_rope, rope_frequencies
 __all__ = [
     "Attention",
     "DropPath",
+    "KVCache",
     "LayerNorm",
     "Mlp",
     "PatchDropout",

@@ -14,16 +14,69 @@ def build_attn_mask(
 ) -> torch.Tensor | None:
     """Boolean SDPA mask (True = may attend) from a [B, k_len] key-validity mask and/or causality.
 
-    Returns None when neither applies, so SDPA can pick its fastest kernel; a pure causal mask is passed as
-    ``is_causal`` instead (see :class:`Attention`), this helper only builds it when combined with padding.
+    The queries are the last ``q_len`` of the ``k_len`` positions (a KV cache holds the earlier ones). Returns None
+    when no mask is needed, so SDPA can pick its fastest kernel: a pure causal mask over equal lengths is passed as
+    ``is_causal`` instead (see :class:`Attention`), and a single new query may see every cached key.
     """
-    if key_padding_mask is None:
+    if key_padding_mask is None and (not is_causal or q_len == 1 or q_len == k_len):
         return None
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len) if is_causal else None
+    if key_padding_mask is None:
+        return causal
     mask = key_padding_mask[:, None, None, :].to(torch.bool)  # [B, 1, 1, K]
-    if is_causal:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
-        mask = mask & causal
-    return mask
+    if causal is None:
+        return mask
+    mask = mask & causal
+    # A query inside left padding has no valid key at all. SDPA turns such a row into NaN, and NaN values poison
+    # every later query through 0 * NaN even where they are masked; let the row see its own position instead.
+    keys = torch.arange(k_len, device=device)
+    own = keys[None, :] == (keys[k_len - q_len :])[:, None]  # [Q, K]: each query's own position
+    return mask | (own & ~mask.any(dim=-1, keepdim=True))
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated for ``capacity`` positions.
+
+    Each layer's buffers [B, KV heads, capacity, head_dim] are allocated on its first update, with the shape, dtype
+    and device of the keys it receives, so the same cache serves a sharded (tensor-parallel) or a bf16 model.
+    ``cache[i]`` is layer i's slot; every layer advances its own fill level, so ``length`` is that of layer 0.
+    """
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.layers = [_LayerCache(capacity) for _ in range(num_layers)]
+
+    def __getitem__(self, i: int) -> _LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def length(self) -> int:
+        """Positions already cached (the same for every row: padding is masked, not skipped)."""
+        return self.layers[0].length if self.layers else 0
+
+
+class _LayerCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.length = capacity, 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v [B, KV, T, d] and return every cached position so far (views, no copy)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot hold {end}; allocate a larger one")
+        if self.k is None:
+            b, kv, _, d = k.shape
+            self.k = k.new_zeros(b, kv, self.capacity, d)
+            self.v = v.new_zeros(b, kv, self.capacity, d)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -85,24 +138,31 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: _LayerCache | None = None,
     ) -> torch.Tensor:
-        """x: [B, T, dim]; key_padding_mask: [B, T] bool, True for real tokens; rope: (cos, sin) of [T, head_dim]."""
+        """x: [B, T, dim]; rope: (cos, sin) of [T, head_dim] or [B, 1, T, head_dim]; kv_cache: this layer's slot of a
+        :class:`KVCache`, whose earlier positions the T new queries also attend to. key_padding_mask: [B, K] bool,
+        True for real tokens, over all K = cached + T key positions."""
         b, t, _ = x.shape
         q, k, v = self.split_qkv(self.qkv(x))
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
         if self.group_size > 1:
             # SDPA's enable_gqa needs torch >= 2.5 and is not supported by every backend; expanding is always right.
             k = k.repeat_interleave(self.group_size, dim=1)
             v = v.repeat_interleave(self.group_size, dim=1)
-        mask = build_attn_mask(key_padding_mask, is_causal, t, t, x.device)
+        mask = build_attn_mask(key_padding_mask, is_causal, t, k.shape[2], x.device)
         out = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=is_causal and mask is None,
+            # Without a mask, causality is SDPA's own (aligned top-left, right only when query and key lengths match;
+            # build_attn_mask returns a mask otherwise, except for one query, which may see everything).
+            is_causal=is_causal and mask is None and t > 1,
         )
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.proj_drop(self.proj(out))

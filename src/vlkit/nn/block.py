@@ -44,8 +44,9 @@ class TransformerBlock(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache=None,
     ) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask, is_causal, rope))
+        x = x + self.drop_path(self.attn(self.norm1(x), key_padding_mask, is_causal, rope, kv_cache))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -94,10 +95,15 @@ class Transformer(nn.Module):
         is_causal: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_intermediates: bool = False,
+        kv_cache=None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run every block; with ``return_intermediates`` also return each block's output (before any final norm)."""
+        """Run every block; with ``return_intermediates`` also return each block's output (before any final norm).
+
+        ``kv_cache`` (a :class:`vlkit.nn.attention.KVCache` with one slot per block) makes attention extend the cached
+        keys and values; recomputation is then off, since a replayed block would append to the cache twice.
+        """
         states: list[torch.Tensor] = []
-        recompute = self.checkpoint_ranges and self.training and torch.is_grad_enabled()
+        recompute = self.checkpoint_ranges and self.training and torch.is_grad_enabled() and kv_cache is None
         starts = dict(self.checkpoint_ranges) if recompute else {}
         i = 0
         while i < len(self.blocks):
@@ -107,17 +113,17 @@ class Transformer(nn.Module):
                 out = checkpoint(self._run_range, x, i, end, key_padding_mask, is_causal, rope, return_intermediates,
                                  use_reentrant=False, **kwargs)  # fmt: skip
             else:
-                out = self._run_range(x, i, end, key_padding_mask, is_causal, rope, return_intermediates)
+                out = self._run_range(x, i, end, key_padding_mask, is_causal, rope, return_intermediates, kv_cache)
             x = out[-1]
             if return_intermediates:
                 states.extend(out)
             i = end
         return (x, states) if return_intermediates else x
 
-    def _run_range(self, x, start, end, key_padding_mask, is_causal, rope, keep_all) -> list[torch.Tensor]:
+    def _run_range(self, x, start, end, key_padding_mask, is_causal, rope, keep_all, kv_cache=None) -> list:
         outs = []
-        for block in self.blocks[start:end]:
-            x = block(x, key_padding_mask, is_causal, rope)
+        for i in range(start, end):
+            x = self.blocks[i](x, key_padding_mask, is_causal, rope, kv_cache[i] if kv_cache is not None else None)
             if keep_all:
                 outs.append(x)
         return outs if keep_all else [x]
