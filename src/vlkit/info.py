@@ -16,7 +16,10 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
     cfg = load_config(name_or_path, overrides or [])
     model = create_model(cfg, device="meta")
     params = {}
-    towers = {"vision": getattr(model, "visual", None) or getattr(model, "backbone", None)}
+    if cfg.model.arch == "llama":
+        towers = {"llm": model.llm}
+    else:
+        towers = {"vision": getattr(model, "visual", None) or getattr(model, "backbone", None)}
     if hasattr(model, "text"):
         towers["text"] = model.text
     for name, module in towers.items():
@@ -27,10 +30,13 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
     flops = {k: {"forward": v.forward, "train": v.forward_backward} for k, v in tower_flops(model).items()}
     flops["total"] = {kind: sum(f[kind] for f in flops.values()) for kind in ("forward", "train")}
     vision = cfg.model.vision
-    seq = {"vision": vision.class_token_length + vision.num_patches}
+    if cfg.model.arch == "llama":
+        seq = {"llm": cfg.model.llm.encoder_seq_length}
+    else:
+        seq = {"vision": vision.class_token_length + vision.num_patches}
     if cfg.model.text is not None and cfg.model.arch == "clip":
         seq["text"] = cfg.model.text.encoder_seq_length
-    return {
+    report = {
         "name": cfg.name,
         "arch": cfg.model.arch,
         "parameters": params,
@@ -38,6 +44,9 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
         "sequence_length": seq,
         "config": to_dict(cfg),
     }
+    if "llm" in seq:  # a decoder's sample is a full-context sequence; its cost per token is what MFU uses
+        report["flops_per_token"] = {kind: f / seq["llm"] for kind, f in flops["llm"].items()}
+    return report
 
 
 def format_report(report: dict, show_config: bool = True) -> str:
@@ -47,10 +56,13 @@ def format_report(report: dict, show_config: bool = True) -> str:
     lines.append(f"# {report['name']} ({report['arch']})")
     lines.append(f"{'':<10}{'parameters':>16}{'':>4}{'GFLOPs/sample fwd':>20}{'fwd+bwd':>12}{'seq len':>10}")
     flops, seq = report["flops_per_sample"], report["sequence_length"]
-    flop_key = {"vision": "image", "text": "text", "total": "total"}
+    flop_key = {"vision": "image", "text": "text", "llm": "llm", "total": "total"}
     for tower, n in report["parameters"].items():
         f = flops.get(flop_key.get(tower, ""), {})
         fwd = f"{f['forward'] / 1e9:.2f}" if f else ""
         train = f"{f['train'] / 1e9:.2f}" if f else ""
         lines.append(f"{tower:<10}{n:>16,}{n / 1e6:>9.2f} M{fwd:>15}{train:>12}{seq.get(tower, ''):>10}")
+    if "flops_per_token" in report:
+        per = report["flops_per_token"]
+        lines.append(f"per token: {per['forward'] / 1e9:.2f} GFLOPs forward, {per['train'] / 1e9:.2f} forward+backward")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ FIXED_KEYS: dict[str, Any] = {
 }
 
 # Which tower receives NeMo's flat ``model.<field>`` keys, per architecture.
-FLAT_TOWER = {"vit_classifier": "vision", "neva": "llm"}
+FLAT_TOWER = {"vit_classifier": "vision", "llama": "llm", "neva": "llm"}
 
 _TOWER_FIELDS = (
     {f.name for f in fields(VisionConfig)}

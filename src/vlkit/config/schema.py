@@ -103,11 +103,13 @@ class TextConfig(TransformerConfig):
 
 @dataclass
 class LLMConfig(TransformerConfig):
-    """LLaMA-architecture decoder (NeVA). Filled in by the NeVA issue; the keys already load."""
+    """LLaMA-architecture decoder (model.arch=llama on its own, NeVA's language model). ``encoder_seq_length`` is the
+    context length; ``layernorm_epsilon`` is the RMSNorm epsilon (LLaMA-2: 1e-5)."""
 
     activation: str = "swiglu"
     normalization: str = "rmsnorm"
     bias: bool = False
+    encoder_seq_length: Optional[int] = 4096
     num_query_groups: Optional[int] = None  # grouped-query attention; None: as many as heads
     vocab_size: int = 32000
     rotary_base: float = 10000.0
@@ -118,11 +120,15 @@ class LLMConfig(TransformerConfig):
     model_type: str = "llama_2"
     position_embedding_type: str = "rope"
     ffn_dropout: float = 0.0
+    # Special tokens of the checkpoint (Hugging Face's config carries them): generation stops at any eos id.
+    bos_token_id: Optional[int] = 1
+    eos_token_ids: list[int] = field(default_factory=lambda: [2])
+    pad_token_id: Optional[int] = None
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "clip"  # clip | vit_classifier | neva
+    arch: str = "clip"  # clip | vit_classifier | llama | neva
     output_dim: int = 512
     # Contrastive loss wiring (CLIP); the semantics are open_clip's.
     local_loss: bool = False

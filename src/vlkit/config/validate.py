@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vlkit.config.schema import Config, LLMConfig, TextConfig, TransformerConfig, VisionConfig
 
-ARCHS = ("clip", "vit_classifier", "neva")
+ARCHS = ("clip", "vit_classifier", "llama", "neva")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 LOSS_IMPLS = ("auto", "naive", "tiled", "fused", "ring")
@@ -13,6 +13,7 @@ DATA_PARALLEL = ("auto", "none", "ddp", "fsdp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic_shapes", "webdataset", "csv", "imagefolder", "llava")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def _choice(problems: list[str], key: str, value: object, allowed: tuple) -> None:
@@ -112,6 +113,23 @@ def _check_llm(p: list[str], t: LLMConfig, tp: int) -> None:
     _positive(p, "model.llm.vocab_size", t.vocab_size)
     if t.hidden_size > 0 and t.num_attention_heads > 0 and t.head_dim % 2:
         p.append(f"model.llm head dim {t.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
+    _positive(p, "model.llm.encoder_seq_length", t.encoder_seq_length)
+    _positive(p, "model.llm.rotary_base", t.rotary_base)
+    _choice(p, "model.llm.position_embedding_type", t.position_embedding_type, ("rope",))
+    if t.ffn_dropout != 0.0:
+        p.append(f"model.llm.ffn_dropout={t.ffn_dropout} is not implemented; use model.llm.hidden_dropout")
+    if t.rope_scaling:
+        kind = t.rope_scaling.get("type", t.rope_scaling.get("rope_type"))
+        needed = {"linear": ("factor",), "llama3": LLAMA3_ROPE_KEYS}.get(kind)
+        if needed is None:
+            p.append(f"model.llm.rope_scaling type {kind!r} is not one of linear, llama3")
+        elif missing := [k for k in needed if k not in t.rope_scaling]:
+            p.append(f"model.llm.rope_scaling ({kind}) needs {', '.join(missing)}")
+    ids = [("bos_token_id", t.bos_token_id), ("pad_token_id", t.pad_token_id)]
+    ids += [("eos_token_ids", i) for i in t.eos_token_ids]
+    for key, i in ids:
+        if i is not None and t.vocab_size > 0 and not 0 <= i < t.vocab_size:
+            p.append(f"model.llm.{key}={i} is outside model.llm.vocab_size={t.vocab_size}")
 
 
 def validate(cfg: Config) -> list[str]:
@@ -140,8 +158,8 @@ def validate(cfg: Config) -> list[str]:
     if m.arch == "vit_classifier":
         _positive(p, "model.num_classes", m.num_classes)
         _choice(p, "model.vision_pretraining_type", m.vision_pretraining_type, ("classify",))
-    if m.arch == "neva" and m.llm is None:
-        p.append("model.arch=neva needs a model.llm section")
+    if m.arch in ("llama", "neva") and m.llm is None:
+        p.append(f"model.arch={m.arch} needs a model.llm section")
     if m.llm is not None:
         _check_llm(p, m.llm, tp)
 

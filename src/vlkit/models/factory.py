@@ -13,8 +13,13 @@ from torch import nn
 from vlkit.config import Config, ModelConfig, apply_overrides, load_config
 from vlkit.models.classifier import ViTClassifier
 from vlkit.models.clip import CLIPModel
+from vlkit.models.llama import LlamaForCausalLM
 
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"clip": CLIPModel, "vit_classifier": ViTClassifier}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "clip": CLIPModel,
+    "vit_classifier": ViTClassifier,
+    "llama": LlamaForCausalLM,
+}
 
 
 def resolve_model_config(name_or_config: str | Path | Config | ModelConfig | dict, **overrides: Any) -> ModelConfig:

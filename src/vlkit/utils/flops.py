@@ -45,11 +45,16 @@ def tower_flops(model: nn.Module, text_length: int | None = None) -> dict[str, F
     """FLOPs for one sample through each tower of a vlkit model, traced on the meta device.
 
     Keys: ``image`` (CLIP image tower or classifier) and ``text`` (CLIP text tower at ``text_length`` tokens,
-    the full context length by default).
+    the full context length by default); ``llm`` for a language model (``model.arch=llama``: one sequence of
+    ``text_length`` tokens, the context length by default). Attention is counted in full, causal or not (the
+    convention of PaLM's and Megatron's MFU formulas).
     The model must live on the meta device or be cheap enough to run once at batch size 1.
     """
     cfg = model.config
     device = next(model.parameters()).device
+    if cfg.arch == "llama":
+        ids = torch.zeros(1, text_length or cfg.llm.encoder_seq_length, dtype=torch.long, device=device)
+        return {"llm": _measure(lambda: model(ids))}
     vision = cfg.vision
     pixels = torch.zeros(1, vision.num_channels, vision.img_h, vision.img_w, device=device)
     counts = {}
