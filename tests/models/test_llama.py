@@ -1,5 +1,7 @@
 """The LLaMA decoder: presets, FLOPs, masks and positions, KV cache, tied head, checkpointing, config checks."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -194,3 +196,9 @@ def test_invalid_llm_settings_name_their_key(override, message):
 def test_llama_arch_needs_an_llm_section():
     with pytest.raises(ConfigError, match="model.arch=llama needs a model.llm section"):
         load_config("clip-tiny", ["model.arch=llama"])
+
+
+@pytest.mark.slow
+def test_tensor_parallel_decoder_equals_one_process(torchrun):
+    """Column/row-wise shards of the GQA blocks, per-row RoPE on local heads, and a cache shaped by local heads."""
+    torchrun(Path(__file__).with_name("llama_tp_worker.py"), 2)
