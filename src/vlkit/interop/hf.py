@@ -43,7 +43,8 @@ from vlkit.interop.native import (
     read_weights_file,
     write_model_files,
 )
-from vlkit.models.factory import create_model, resolve_model_config
+from vlkit.models.clip import CLIPModel
+from vlkit.models.factory import resolve_model_config
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -535,6 +536,8 @@ def _is_openai_bpe(path: Path) -> bool:
         return False
     try:
         vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        if len(vocab) != CLIP_VOCAB_SIZE:
+            return False
         merges = read_merges(merges_file, limit=None)
     except (OSError, ValueError):
         return False
@@ -648,11 +651,13 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", **overrides
             f"{path}: a Hugging Face CLIP vision tower only (no text tower); load it with vlkit.load_vision_encoder"
         )
     cfg = hf_model_config(config, _read_preprocessor(path), path / CONFIG_FILE)
-    cfg["text"]["tokenizer"] = _tokenizer_setting(path, tokenizer_files(path), cfg["text"]["vocab_size"])
     hf_state = read_hf_weights(path)
+    cfg["text"]["tokenizer"] = _tokenizer_setting(path, tokenizer_files(path), cfg["text"]["vocab_size"])
     _fit_logit_scale(cfg, hf_state)
-    state = hf_to_vlkit_state(hf_state, resolve_model_config(cfg), path)
-    model = create_model(cfg, device=device)
+    model_cfg = resolve_model_config(cfg)
+    state = hf_to_vlkit_state(hf_state, model_cfg, path)
+    with torch.device(device):
+        model = CLIPModel(model_cfg)  # the config is resolved already: skip create_model's second pass
     model.load_state_dict(state, strict=True)
     return with_overrides(model, device, **overrides)
 

@@ -15,7 +15,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +169,9 @@ def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     try:
-        # mmap avoids a second in-memory copy; only the zip format (torch.save's default since 1.6) supports it.
-        data = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        # A file object, not the path: recent torch.load hands paths ending in .safetensors to safetensors itself.
+        with open(file, "rb") as f:
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "error:" in ln), "")
         raise ModelFormatError(
