@@ -118,6 +118,8 @@ def test_repetition_penalty_counts_each_real_token_once():
     valid = torch.tensor([[True, True, True, False]])  # position 3 is padding: token 3 is not penalised
     out = apply_repetition_penalty(logits, tokens, 2.0, valid)
     assert out.tolist() == [[1.0, -4.0, 1.0, 4.0]]
+    placeholders = torch.tensor([[-200, 2, 9]])  # out-of-vocabulary ids (image placeholders) are skipped
+    assert apply_repetition_penalty(logits, placeholders, 2.0).tolist() == [[2.0, -2.0, 0.5, 4.0]]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

@@ -59,11 +59,14 @@ def apply_repetition_penalty(
     logits: torch.Tensor, tokens: torch.Tensor, penalty: float, valid: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Hugging Face's (CTRL's) penalty: every token id present in ``tokens`` [B, L] (where ``valid``) has its logit
-    divided by ``penalty`` if positive, multiplied if negative; once per id, however often it occurred."""
+    divided by ``penalty`` if positive, multiplied if negative; once per id, however often it occurred. Ids outside
+    the vocabulary (NeVA's image placeholders) are skipped."""
     if penalty == 1.0 or tokens.shape[1] == 0:
         return logits
-    weight = valid.to(logits.dtype) if valid is not None else torch.ones_like(tokens, dtype=logits.dtype)
-    seen = torch.zeros_like(logits).scatter_add_(1, tokens, weight) > 0
+    keep = (tokens >= 0) & (tokens < logits.shape[-1])
+    if valid is not None:
+        keep &= valid
+    seen = torch.zeros_like(logits).scatter_add_(1, tokens.clamp(0, logits.shape[-1] - 1), keep.to(logits.dtype)) > 0
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
@@ -154,7 +157,7 @@ def generate(
             generation), as Hugging Face does.
         input_ids: prompts [B, P], left-padded (see :func:`left_pad`); or
         inputs_embeds: prompt embeddings [B, P, hidden] (NeVA's spliced images). ``input_ids`` may come along for
-            the repetition penalty only.
+            the repetition penalty only (placeholder ids outside the vocabulary are skipped).
         attention_mask: [B, P], 1 for real tokens; None when nothing is padded.
         do_sample: sample from the processed distribution; greedy (argmax) otherwise.
         temperature, top_k, top_p: sampling warpers (1.0 / 0 / 1.0 disable them). Unlike Hugging Face there is no
