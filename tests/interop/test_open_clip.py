@@ -217,6 +217,7 @@ def test_export_loads_in_open_clip_and_round_trips(tmp_path):
     back = load_open_clip(out)
     assert back.config == vl.config
     assert_same_tensors(back.state_dict(), vl.state_dict())
+    assert_same_tensors(vlkit.load_model(out).state_dict(), vl.state_dict())  # recognised by content
 
 
 def test_export_refuses_what_open_clip_cannot_express(tmp_path):
@@ -232,6 +233,15 @@ def test_export_refuses_what_open_clip_cannot_express(tmp_path):
     for what in ("model.vision.normalization='rmsnorm'", "class_token_length=2", "model.text.activation='relu'"):
         assert what in str(err.value)
     assert not (tmp_path / "oc").exists()
+
+    # A tokenizer given by path: open_clip will use CLIP's BPE, which can only be right for CLIP's vocabulary.
+    own_vocab = vlkit.create_model(
+        "clip-tiny", device="meta", text__tokenizer="tok/", text__vocab_size=VOCAB, text__eot_token_id=VOCAB - 1
+    )
+    with pytest.raises(ModelFormatError, match="tokenizer='tok/' with vocab_size=100"):
+        open_clip_config(own_vocab)
+    with pytest.warns(UserWarning, match="assumes it is CLIP's BPE"):
+        open_clip_config(vlkit.create_model("clip-tiny", device="meta", text__tokenizer="hf-clip-dir/"))
 
 
 @pytest.mark.parametrize(

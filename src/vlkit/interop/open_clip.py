@@ -21,8 +21,11 @@ Exported directories use the layout open_clip reads offline::
 
     open_clip.create_model("local-dir:" + str(out_dir))   # open_clip_config.json + open_clip_model.safetensors
 
-(``create_model(name, pretrained=file)`` works too, but only for a name registered with
-``open_clip.add_model_config``.) Loaded weights are float32, as :func:`vlkit.load_model` gives them.
+``create_model(name, pretrained=str(out_dir / "open_clip_model.safetensors"))`` works too once the ``model_cfg``
+is registered under ``name`` with ``open_clip.add_model_config(json_file)``; ``pretrained=out_dir`` does not (open_clip
+takes a file or a tag there). Exporting a model with Hugging Face's crop style, or with a tokenizer given by path,
+warns: open_clip has only OpenAI's crop and CLIP's BPE. Loaded weights are float32, as :func:`vlkit.load_model` gives
+them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import difflib
 import importlib.util
 import json
 import math
-import struct
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,12 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlkit.config import ConfigError, ModelConfig
 from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from vlkit.interop.native import ModelFormatError, atomic_write_dir
+from vlkit.interop.native import ModelFormatError, atomic_write_dir, read_weights_file
 from vlkit.models.factory import create_model, resolve_model_config
 
 CONFIG_FILE = "open_clip_config.json"
@@ -61,6 +63,7 @@ QUICKGELU_SUFFIX = "-quickgelu"
 DEFAULT_LN_EPS = 1e-5
 # Names under which vlkit.data.tokenizer serves CLIP's BPE, the tokenizer of every standard open_clip text tower.
 CLIP_TOKENIZER_NAMES = ("clip", "openai", "openai-clip", "clip-bpe", "open_clip")
+CLIP_VOCAB_SIZE = 49408
 
 # Options of open_clip's tower configs that vlkit cannot reproduce: option -> (values that are fine, what it is).
 _UNSUPPORTED_COMMON = {
@@ -300,7 +303,7 @@ def _size(h: int, w: int) -> int | list[int]:
 def _mlp_ratio(problems: list[str], tower: str, width: int, ffn: int) -> float:
     ratio = ffn / width
     if _ffn(width, ratio) != ffn:
-        problems.append(f"model.{tower}.ffn_hidden_size={ffn} is not int(width * mlp_ratio) for any float ratio")
+        problems.append(f"model.{tower}.ffn_hidden_size={ffn}: open_clip's int(width * mlp_ratio) cannot give it")
     return ratio
 
 
@@ -337,8 +340,14 @@ def open_clip_config(model: nn.Module | ModelConfig) -> dict:
         problems.append(f"model.vision.num_channels={v.num_channels}: open_clip reads RGB images")
     if not t.causal:
         problems.append("model.text.causal=False: open_clip's bidirectional text tower does not mask padding")
-    if t.tokenizer not in CLIP_TOKENIZER_NAMES:
-        problems.append(f"model.text.tokenizer={t.tokenizer!r}: open_clip would tokenize with CLIP's BPE instead")
+    # open_clip tokenizes with CLIP's BPE. A tokenizer given by path (a Hugging Face CLIP's vocab.json + merges.txt)
+    # is taken to be that BPE when the vocabulary has its size; any other vocabulary cannot be.
+    foreign_tokenizer = str(t.tokenizer).lower() not in CLIP_TOKENIZER_NAMES
+    if foreign_tokenizer and t.vocab_size != CLIP_VOCAB_SIZE:
+        problems.append(
+            f"model.text.tokenizer={t.tokenizer!r} with vocab_size={t.vocab_size}: open_clip would tokenize with "
+            f"CLIP's BPE ({CLIP_VOCAB_SIZE} tokens) instead"
+        )
     vision_cfg: dict[str, Any] = {
         "image_size": _size(v.img_h, v.img_w),
         "layers": v.num_layers,
@@ -377,6 +386,11 @@ def open_clip_config(model: nn.Module | ModelConfig) -> dict:
         warnings.warn(
             f"model.vision.crop_style={v.crop_style!r}: open_clip centre-crops as OpenAI does, which can sit one "
             "pixel off this model's crop on some image sizes",
+            stacklevel=2,
+        )
+    if foreign_tokenizer:
+        warnings.warn(
+            f"model.text.tokenizer={t.tokenizer!r}: the export assumes it is CLIP's BPE, which open_clip will use",
             stacklevel=2,
         )
     model_cfg: dict[str, Any] = {
@@ -546,48 +560,18 @@ def to_open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------- files
 
 
-def _is_safetensors(path: Path) -> bool:
-    """By content: an 8-byte little-endian header length, then a JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return struct.unpack("<Q", head[:8])[0] < path.stat().st_size
-
-
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an open_clip checkpoint file (safetensors, or a torch file read with ``weights_only=True``).
 
     A training checkpoint's ``{"state_dict": ..., "epoch": ...}`` wrapping and DDP's ``module.`` prefixes are removed.
-    Nothing is ever unpickled beyond plain tensors and containers.
+    Nothing is ever unpickled beyond plain tensors and containers (see :func:`vlkit.interop.native.read_weights_file`).
     """
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such checkpoint file")
-    if _is_safetensors(path):
-        state: Any = load_file(str(path))
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's notice that a TorchScript archive was handed to torch.load
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for unreadable or unsafe files
-            if "TorchScript" in str(e):
-                raise ModelFormatError(
-                    f"{path}: a TorchScript archive (OpenAI's original release format) cannot be read without "
-                    "running its code; load it once with open_clip and save model.state_dict() instead"
-                ) from None
-            raise ModelFormatError(
-                f"{path}: not a checkpoint readable without executing code (torch.load weights_only=True failed: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-            ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # an open_clip training checkpoint: epoch, name, optimizer, ...
-    if not isinstance(state, dict) or not state:
-        raise ModelFormatError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    odd = [k for k, t in state.items() if not isinstance(t, torch.Tensor)]
-    if odd:
-        raise ModelFormatError(f"{path}: entries that are not tensors: {', '.join(map(str, odd[:5]))}")
+    state = read_weights_file(path)
+    if not state:
+        raise ModelFormatError(f"{path}: holds no tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: t for k, t in state.items()}
     return state
