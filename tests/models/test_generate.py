@@ -55,9 +55,14 @@ def test_greedy_is_the_argmax_of_the_full_forward(model):
 
 def test_inputs_embeds_prompt_equals_ids_prompt(model):
     ids, mask = left_pad(PROMPTS)
-    a = generate(model, ids, attention_mask=mask, max_new_tokens=8, eos_token_ids=[])
-    b = generate(model, inputs_embeds=model.llm.embed(ids), attention_mask=mask, max_new_tokens=8, eos_token_ids=[])
-    assert torch.equal(a.tokens, b.tokens)
+    kw = dict(attention_mask=mask, max_new_tokens=8, eos_token_ids=[], repetition_penalty=1.5)
+    a = generate(model, ids, **kw)
+    embeds = model.llm.embed(ids)
+    assert torch.equal(generate(model, ids, inputs_embeds=embeds, **kw).tokens, a.tokens)
+    # Without the ids only the generated tokens are penalised, as with ids the penalty cannot read (placeholders).
+    placeholders = torch.full_like(ids, -200)
+    alone = generate(model, inputs_embeds=embeds, **kw).tokens
+    assert torch.equal(alone, generate(model, placeholders, inputs_embeds=embeds, **kw).tokens)
 
 
 def test_eos_ends_a_row_and_pads_after_it(model):

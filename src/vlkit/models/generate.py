@@ -188,8 +188,12 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     # The penalty's history: prompt ids (when known) then the generated tokens, with their validity.
-    history = input_ids if input_ids is not None else torch.zeros(batch, 0, dtype=torch.long, device=device)
-    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(history, dtype=torch.bool)
+    if input_ids is None:
+        history = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+    else:
+        history = input_ids
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     tokens = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
