@@ -14,13 +14,14 @@ from pathlib import Path
 EXIT_OK, EXIT_USAGE = 0, 2
 SOURCES = ("hf", "open_clip", "llava")
 TARGETS = ("vlkit", "hf", "open_clip")
-# Architecture keys that decide whether a converted model is a preset's network (activation and the rest are
-# reported as differences).
-_ARCH_KEYS = {
-    "vision": ("num_layers", "hidden_size", "ffn_size", "num_attention_heads", "patch_dim", "img_h", "img_w"),
-    "text": ("num_layers", "hidden_size", "ffn_size", "num_attention_heads", "encoder_seq_length", "vocab_size"),
+# The keys that fix a model's parameter shapes: a converted model with a preset's shapes is that preset's network,
+# up to the settings below (which change the function, not the shapes), reported as differences.
+_SHAPE_KEYS = {
+    "vision": ("num_layers", "hidden_size", "ffn_size", "patch_dim", "img_h", "img_w"),
+    "text": ("num_layers", "hidden_size", "ffn_size", "encoder_seq_length", "vocab_size"),
 }
-_DETAIL_KEYS = ("activation", "layernorm_epsilon", "crop_style", "resize_interpolation", "mean", "std")
+_DETAIL_KEYS = ("num_attention_heads", "activation", "layernorm_epsilon", "crop_style", "resize_interpolation", "mean",
+                "std")  # fmt: skip
 
 _EPILOG = """examples:
   vlkit convert --from hf clip-vit-base-patch32/ --out models/clip-b32
@@ -98,15 +99,18 @@ def _save(model, out: Path, target: str) -> None:
 
 
 def matching_preset(cfg) -> tuple[str | None, list[str]]:
-    """The CLIP preset whose network ``cfg`` is (same sizes), and how ``cfg`` differs from it otherwise."""
+    """The CLIP preset with ``cfg``'s parameter shapes, and every other setting in which ``cfg`` differs from it
+    (the head count, the activation, the preprocessing, ...); ``(None, [])`` when no preset has these shapes."""
     from vlkit.config import list_presets, load_config
 
     for name in list_presets():
+        if not name.startswith("clip-") or name.endswith("-train"):  # -train recipes repeat their model's network
+            continue
         preset = load_config(name).model
         if preset.arch != cfg.arch or preset.text is None or cfg.text is None or preset.output_dim != cfg.output_dim:
             continue
         towers = {"vision": (preset.vision, cfg.vision), "text": (preset.text, cfg.text)}
-        if all(getattr(a, k) == getattr(b, k) for t, (a, b) in towers.items() for k in _ARCH_KEYS[t]):
+        if all(getattr(a, k) == getattr(b, k) for t, (a, b) in towers.items() for k in _SHAPE_KEYS[t]):
             diffs = [
                 f"model.{t}.{k}={getattr(b, k)} (preset: {getattr(a, k)})"
                 for t, (a, b) in towers.items()
