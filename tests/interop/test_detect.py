@@ -102,6 +102,14 @@ def test_code_executing_pickle_is_refused(tmp_path, container):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated: it still writes the archive
+def test_torchscript_archive_is_refused_with_advice(tmp_path):
+    """OpenAI's original release is TorchScript: reading it means running its code."""
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ViT-B-32.pt"))
+    with pytest.raises(ModelFormatError, match="TorchScript archive .* use the Hugging Face or open_clip copy"):
+        vlkit.load_model(tmp_path / "ViT-B-32.pt")
+
+
 def test_everything_else_fails_naming_the_path_and_what_was_found(tmp_path, tiny_clip):
     with pytest.raises(ModelFormatError, match="no such file or directory"):
         vlkit.load_model(tmp_path / "missing")

@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,8 @@ def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     try:
         # A file object, not the path: recent torch.load hands paths ending in .safetensors to safetensors itself.
-        with open(file, "rb") as f:
+        with open(file, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on TorchScript archives and pickle protocols
             data = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "error:" in ln), "")
@@ -181,7 +183,13 @@ def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
             "state dict with safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFormatError(f"{file}: not a safetensors or PyTorch weights file ({e})") from None
+        if "TorchScript" in str(e):
+            raise ModelFormatError(
+                f"{file}: a TorchScript archive (OpenAI's original CLIP release format) cannot be read without running "
+                "its code; use the Hugging Face or open_clip copy of the weights, or a state dict saved as safetensors"
+            ) from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelFormatError(f"{file}: not a safetensors or PyTorch weights file ({first_line})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
