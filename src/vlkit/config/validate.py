@@ -13,6 +13,8 @@ DATA_PARALLEL = ("auto", "none", "ddp", "fsdp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic_shapes", "webdataset", "csv", "imagefolder", "llava")
+CONV_TEMPLATES = ("plain", "vicuna_v1", "llama_2", "nvgpt", "llama_3")  # = vlkit.data.conversation.TEMPLATES
+IMAGE_ASPECT_RATIOS = ("square", "pad", "keep")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -196,4 +198,7 @@ def validate(cfg: Config) -> list[str]:
     _choice(p, "data.kind", cfg.data.kind, DATA_KINDS)
     if cfg.data.num_workers < 0:
         p.append(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.data.conv_template is not None:
+        _choice(p, "data.conv_template", cfg.data.conv_template, CONV_TEMPLATES)
+    _choice(p, "data.image_aspect_ratio", cfg.data.image_aspect_ratio, IMAGE_ASPECT_RATIOS)
     return p
