@@ -246,7 +246,8 @@ def test_vision_encoder_from_every_source(tmp_path):
     vlkit.save_model(model, tmp_path / "vlkit")
     from vlkit.interop.open_clip import save_open_clip
 
-    model.config.text.tokenizer = "clip"  # open_clip knows only CLIP's BPE; the text tower is not under test here
+    # open_clip knows only CLIP's BPE and OpenAI's crop; neither matters to the vision features under test here.
+    model.config.text.tokenizer, model.config.vision.crop_style = "clip", "openai"
     save_open_clip(model, tmp_path / "open_clip")
     pixels, _ = inputs()
     with torch.no_grad():
@@ -256,6 +257,18 @@ def test_vision_encoder_from_every_source(tmp_path):
             assert (got - expected).abs().max().item() < TOL, source
         big = vlkit.load_vision_encoder(tmp_path / "vision", vision__img_h=48, vision__img_w=48)
         assert big(torch.randn(1, 3, 48, 48)).shape == (1, 36, 48) and big.num_tokens == 36
+
+
+def test_vision_encoder_of_a_vit_classifier_drops_all_its_class_tokens(tmp_path):
+    vlkit.save_model(perturbed(vlkit.create_model("vit-tiny", vision__class_token_length=8)), tmp_path / "vit")
+    classifier = vlkit.load_model(tmp_path / "vit").eval()
+    encoder = vlkit.load_vision_encoder(tmp_path / "vit", select_layer=-1)
+    pixels = torch.randn(2, 3, classifier.config.vision.img_h, classifier.config.vision.img_w)
+    prefix = classifier.config.vision.class_token_length
+    with torch.no_grad():
+        _, states = classifier.backbone.forward_intermediates(pixels)
+        assert torch.equal(encoder(pixels), states[-1][:, prefix:])
+    assert prefix == 8 and encoder.num_tokens == classifier.config.vision.num_patches == 16
 
 
 def test_vision_encoder_rejects_a_layer_out_of_range(converted):

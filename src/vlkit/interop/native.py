@@ -200,6 +200,15 @@ def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
     return data
 
 
+def read_weights_keys(file: str | Path) -> list[str]:
+    """The tensor names of a weights file: from the header alone for safetensors, else as read_weights_file."""
+    file = Path(file)
+    if _is_safetensors(file):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return list(f.keys())
+    return list(read_weights_file(file))
+
+
 def _listing(path: Path) -> str:
     names = sorted(p.name for p in path.iterdir())
     if not names:
@@ -257,7 +266,7 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
             f"{cfg_file}: not a vlkit model config (format={config.get('format')!r}) nor a Hugging Face CLIP config "
             f"(model_type={config.get('model_type')!r}, architectures={config.get('architectures')!r})"
         )
-    keys = list(read_weights_file(path))
+    keys = read_weights_keys(path)
     if open_clip is not None and open_clip.looks_like_open_clip_state_dict(keys):
         return "open_clip", path
     if looks_like_hf_clip_state_dict(keys):

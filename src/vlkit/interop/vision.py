@@ -115,7 +115,7 @@ def load_vision_encoder(
 
     path = Path(path)
     kind, where = detect_format(path)
-    if kind == "hf_vision":
+    if kind in ("hf", "hf_vision"):  # the vision tower alone: the text tower is never built
         from vlkit.interop.hf import load_hf_vision_tower
 
         tower = load_hf_vision_tower(where, device=device, **overrides)
