@@ -58,7 +58,7 @@ def _run_info(args: argparse.Namespace) -> int:
 
 # Sub-commands that live in their own modules. Each module exposes ``register(subparsers)``, which adds its parser(s)
 # and sets ``func``; a module that has not landed yet is simply absent.
-DATA_COMMANDS = ("vlkit.data.shapes", "vlkit.data.check", "vlkit.data.write")
+DATA_COMMANDS = ("vlkit.data.shapes", "vlkit.data.shapes_vqa", "vlkit.data.check", "vlkit.data.write")
 BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.train", "vlkit.bench.tokenizer", "vlkit.bench.data")
 
 

@@ -144,6 +144,9 @@ class ModelConfig:
     # Classification head (vit_classifier).
     vision_pretraining_type: str = "classify"
     num_classes: int = 1000
+    label_smoothing: float = 0.0  # cross-entropy target smoothing (folded into mixup's soft targets)
+    linear_probe: bool = False  # train the head only: backbone frozen, in eval mode, out of the optimizer
+    init_from: Optional[str] = None  # start from a model dir / checkpoint (a classifier, or a CLIP's .visual tower)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: Optional[TextConfig] = None
     llm: Optional[LLMConfig] = None
@@ -162,6 +165,22 @@ class DataConfig:
     resampled: bool = False
     image_key: str = "jpg;jpeg;png;webp"
     text_key: str = "txt"
+    # Classification augmentation (the classify task; timm's names). CLIP keeps its own crop (scale 0.9-1.0).
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.0  # horizontal flip probability
+    auto_augment: Optional[str] = None  # rand | rand-m9-n2 | auto | auto-imagenet | auto-cifar10 | auto-svhn | trivial
+    reprob: float = 0.0  # random erasing probability (per-pixel noise, after normalisation)
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    mixup_prob: float = 1.0  # probability that a batch is mixed at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    # LLaVA conversations (kind=llava, NeVA); NeMo's neva data keys.
+    conv_template: Optional[str] = None  # plain | vicuna_v1 | llama_2 | nvgpt | llama_3; None: the LLM's model_type
+    image_folder: Optional[str] = None  # image paths are relative to it; None: the data file's folder
+    image_aspect_ratio: str = "square"  # square | pad | keep
+    is_multimodal: bool = True  # False: images dropped, <image> placeholders removed
+    lazy_preprocess: bool = True  # tokenise when read (False: all up front, problems counted before training)
+    sep_image_conv_front: bool = False  # move <image> to the front of the first human turn
 
 
 @dataclass
@@ -215,6 +234,7 @@ class TrainerConfig:
     collective_timeout_s: float = 600.0  # a dead rank makes the others fail after this, instead of hanging
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs only (no MFU on unknown ones)
     val_check_interval: int = 0
+    ema_decay: Optional[float] = None  # exponential moving average of the weights (classify task); None: off
     seed: int = 0
     devices: Any = "auto"
     num_nodes: int = 1
