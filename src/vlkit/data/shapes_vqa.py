@@ -377,9 +377,27 @@ def _validate(train, val, size, seed, shapes, colors, second_prob, vocab_size) -
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``vlkit data shapes-vqa``."""
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--train", type=_positive_int, default=DEFAULTS["train"], metavar="N", help="training images")
-    p.add_argument("--val", type=_positive_int, default=DEFAULTS["val"], metavar="M", help="held-out images")
-    p.add_argument("--size", type=_image_size, default=DEFAULTS["size"], metavar="PX", help="image side in pixels")
+    p.add_argument(
+        "--train",
+        type=_positive_int,
+        default=DEFAULTS["train"],
+        metavar="N",
+        help=f"training images (default {DEFAULTS['train']})",
+    )
+    p.add_argument(
+        "--val",
+        type=_positive_int,
+        default=DEFAULTS["val"],
+        metavar="M",
+        help=f"held-out images (default {DEFAULTS['val']})",
+    )
+    p.add_argument(
+        "--size",
+        type=_image_size,
+        default=DEFAULTS["size"],
+        metavar="PX",
+        help=f"image side in pixels (default {DEFAULTS['size']})",
+    )
     p.add_argument("--seed", type=_seed, default=DEFAULTS["seed"], metavar="S", help="dataset seed")
     p.add_argument(
         "--shapes",
@@ -413,7 +431,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=DEFAULTS["vocab_size"],
         metavar="V",
-        help="vocabulary of the trained tokenizer (bytes + special tokens + merges)",
+        help=f"vocabulary of the trained tokenizer: bytes + special tokens + merges (default {DEFAULTS['vocab_size']})",
     )
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="do not train tokenizer/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
