@@ -208,6 +208,19 @@ def test_export_lists_every_unsupported_feature(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_that_do_not_fit_their_config(tmp_path):
+    build_hf(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 64  # the weights have 80
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=r"weights do not fit config.json: .*size mismatch"):
+        vlkit.load_model(tmp_path)
+    config["text_config"].update(intermediate_size=80, num_hidden_layers=3)  # the weights have 2 layers
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match=r"weights miss 16 tensors .*text_model.encoder.layers.2"):
+        vlkit.load_model(tmp_path)
+
+
 def test_unsupported_activation_is_named(tmp_path):
     build_hf(tmp_path, tiny_config("silu"))
     with pytest.raises(ModelFormatError, match="hidden_act='silu'"):

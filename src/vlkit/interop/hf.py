@@ -21,6 +21,7 @@ tokenizer (``vocab.json`` + ``merges.txt``, ``tokenizer.json``). Both models are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -631,6 +632,17 @@ def _fit_logit_scale(cfg: dict, state: dict[str, torch.Tensor]) -> None:
     cfg["logit_scale_init"] = min(cfg["logit_scale_init"], cfg.get("logit_scale_max", math.log(100.0)))
 
 
+@contextlib.contextmanager
+def _shape_errors(path: Path):
+    """Tensors whose shapes contradict config.json (torch raises RuntimeError) as a ModelFormatError naming the path."""
+    try:
+        yield
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln or "shape" in ln), lines[0] if lines else "")
+        raise ModelFormatError(f"{path}: weights do not fit {CONFIG_FILE}: {detail}") from None
+
+
 def load_hf(path: str | Path, *, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """A vlkit CLIPModel from a transformers CLIPModel directory (weights, preprocessing and tokenizer settings).
 
@@ -655,10 +667,10 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", **overrides
     cfg["text"]["tokenizer"] = _tokenizer_setting(path, tokenizer_files(path), cfg["text"]["vocab_size"])
     _fit_logit_scale(cfg, hf_state)
     model_cfg = resolve_model_config(cfg)
-    state = hf_to_vlkit_state(hf_state, model_cfg, path)
     with torch.device(device):
         model = CLIPModel(model_cfg)  # the config is resolved already: skip create_model's second pass
-    model.load_state_dict(state, strict=True)
+    with _shape_errors(path):
+        model.load_state_dict(hf_to_vlkit_state(hf_state, model_cfg, path), strict=True)
     return with_overrides(model, device, **overrides)
 
 
@@ -673,12 +685,13 @@ def load_hf_vision_tower(path: str | Path, *, device: str | torch.device = "cpu"
     tower_cfg = {"arch": "vit_classifier", "vision": hf_vision_section(config, _read_preprocessor(path), path)}
     source = resolve_model_config(tower_cfg)
     hf_state = read_hf_weights(path)
-    state = hf_to_vlkit_state(hf_state, source, path, vision_prefix=_vision_prefix(list(hf_state)))
-    state = {k.removeprefix("visual."): v for k, v in state.items()}
     with torch.device(device):
         tower = VisionTransformer(resolve_model_config(tower_cfg, **overrides).vision)
-    fit_pos_embed(state, tower, source.vision.grid_size)
-    tower.load_state_dict(state, strict=True)
+    with _shape_errors(path):
+        state = hf_to_vlkit_state(hf_state, source, path, vision_prefix=_vision_prefix(list(hf_state)))
+        state = {k.removeprefix("visual."): v for k, v in state.items()}
+        fit_pos_embed(state, tower, source.vision.grid_size)
+        tower.load_state_dict(state, strict=True)
     return tower
 
 
