@@ -46,6 +46,7 @@ from vlkit.interop.native import (
 )
 from vlkit.models.clip import CLIPModel
 from vlkit.models.factory import resolve_model_config
+from vlkit.nn.attention import fuse_qkv, unfuse_qkv
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -357,28 +358,6 @@ def preprocessor_config_dict(v: VisionConfig) -> dict:
 
 
 # -- weights ---------------------------------------------------------------------------------------------------------
-
-
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int | None = None):
-    """Separate q/k/v projections (weights [H*d, in] or biases [H*d]) -> vlkit's fused per-group layout.
-
-    For each key/value group g the rows are ``[q heads of g; k_g; v_g]`` (:class:`vlkit.nn.Attention`).
-    """
-    kv = num_kv_heads or num_heads
-    d = q.shape[0] // num_heads
-    rest = q.shape[1:]
-    groups = [q.reshape(kv, (num_heads // kv) * d, *rest), k.reshape(kv, d, *rest), v.reshape(kv, d, *rest)]
-    return torch.cat(groups, dim=1).reshape(-1, *rest)
-
-
-def unfuse_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int | None = None):
-    """The inverse of :func:`fuse_qkv`: vlkit's fused rows -> (q, k, v), each contiguous."""
-    kv = num_kv_heads or num_heads
-    rep = num_heads // kv
-    d = qkv.shape[0] // (num_heads + 2 * kv)
-    rest = qkv.shape[1:]
-    q, k, v = qkv.reshape(kv, (rep + 2) * d, *rest).split([rep * d, d, d], dim=1)
-    return tuple(x.reshape(-1, *rest).contiguous() for x in (q, k, v))
 
 
 # transformers -> vlkit names inside a block, q/k/v aside.

@@ -22,6 +22,7 @@ from vlkit.interop.native import ModelFormatError, atomic_write_dir
 from vlkit.models.factory import create_model
 from vlkit.models.llama import LlamaDecoder, LlamaForCausalLM
 from vlkit.nn import RotaryEmbedding
+from vlkit.nn.attention import fuse_qkv, unfuse_qkv
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -136,21 +137,6 @@ def hf_config_from_llm(cfg: LLMConfig, dtype: torch.dtype = torch.float32) -> di
 
 
 # ------------------------------------------------------------------------------------------------------ state dicts
-def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[H*d, ...], [KV*d, ...], [KV*d, ...] -> vlkit's [KV * (rep*d + d + d), ...] (per group: its q heads, k, v)."""
-    rest = q.shape[1:]
-    groups = [t.reshape(kv_heads, -1, *rest) for t in (q, k, v)]
-    return torch.cat(groups, dim=1).reshape(-1, *rest)
-
-
-def _split_qkv(qkv: torch.Tensor, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rest = qkv.shape[1:]
-    rep = heads // kv_heads
-    grouped = qkv.reshape(kv_heads, rep + 2, -1, *rest)  # [KV, rep + 2, d, ...]
-    q, k, v = grouped.split([rep, 1, 1], dim=1)
-    return tuple(t.reshape(-1, *rest).contiguous() for t in (q, k, v))
-
-
 def _layer_pairs(cfg: LLMConfig, i: int) -> list[tuple[str, str]]:
     """(vlkit key, Hugging Face key) of the tensors mapped one to one in block i."""
     v, h = f"transformer.blocks.{i}", f"model.layers.{i}"
@@ -213,7 +199,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: LLMConfig, where:
         for ours, (q, k, v) in _qkv_keys(cfg, i):
             parts = [take(key) for key in (q, k, v)]
             if all(p is not None for p in parts):
-                out[ours] = _fuse_qkv(*parts, kv)
+                out[ours] = fuse_qkv(*parts, cfg.num_attention_heads, kv)
     if missing or remaining:
         raise ModelFormatError(
             f"{where}: weights do not match its LLaMA config ({cfg.num_layers} layers, bias={cfg.bias}, "
@@ -244,7 +230,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: LLMConfig) -> dict[str
         for ours, theirs in _layer_pairs(cfg, i):
             out[theirs] = state[ours]
         for ours, names in _qkv_keys(cfg, i):
-            for name, t in zip(names, _split_qkv(state[ours], cfg.num_attention_heads, kv)):
+            for name, t in zip(names, unfuse_qkv(state[ours], cfg.num_attention_heads, kv)):
                 out[name] = t
     return {k: t.detach().contiguous() for k, t in out.items()}
 

@@ -48,6 +48,7 @@ from vlkit.config import ConfigError, ModelConfig
 from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlkit.interop.native import ModelFormatError, atomic_write_dir, read_weights_file
 from vlkit.models.factory import create_model, resolve_model_config
+from vlkit.nn.attention import fuse_qkv, unfuse_qkv
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -457,11 +458,11 @@ def _transpose(t: torch.Tensor) -> torch.Tensor:
 
 def _qkv_to_vlkit(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """[Q; K; V] rows (open_clip's in_proj) -> vlkit's per-head [q_h; k_h; v_h] rows (one key/value group per head)."""
-    return lambda t: t.reshape(3, heads, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return lambda t: fuse_qkv(*t.chunk(3), heads)
 
 
 def _qkv_to_open_clip(heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return lambda t: torch.cat(unfuse_qkv(t, heads))
 
 
 def _norm(vlkit: str, open_clip: str) -> list[_Entry]:

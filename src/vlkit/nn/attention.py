@@ -166,3 +166,26 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, t, -1)
         return self.proj_drop(self.proj(out))
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int | None = None):
+    """Separate q/k/v projections (weights [H*d, in] or biases [H*d]) -> the fused per-group layout of
+    :class:`Attention` (for each key/value group g the rows are ``[q heads of g; k_g; v_g]``).
+
+    Every converter (Hugging Face CLIP and LLaMA, open_clip) goes through this pair, so the layout lives in one place.
+    """
+    kv = num_kv_heads or num_heads
+    d = q.shape[0] // num_heads
+    rest = q.shape[1:]
+    groups = [q.reshape(kv, (num_heads // kv) * d, *rest), k.reshape(kv, d, *rest), v.reshape(kv, d, *rest)]
+    return torch.cat(groups, dim=1).reshape(-1, *rest)
+
+
+def unfuse_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int | None = None):
+    """The inverse of :func:`fuse_qkv`: vlkit's fused rows -> (q, k, v), each contiguous."""
+    kv = num_kv_heads or num_heads
+    rep = num_heads // kv
+    d = qkv.shape[0] // (num_heads + 2 * kv)
+    rest = qkv.shape[1:]
+    q, k, v = qkv.reshape(kv, (rep + 2) * d, *rest).split([rep * d, d, d], dim=1)
+    return tuple(x.reshape(-1, *rest).contiguous() for x in (q, k, v))
