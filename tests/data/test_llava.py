@@ -245,13 +245,34 @@ def test_truncation_after_splicing_and_all_masked(tmp_path, tok):
     assert (masked[0]["labels"] == IGNORE_INDEX).all()
     assert masked.stats == {"all_masked": 1, "truncated": 1}
     strict = make_dataset(tmp_path, tok, samples, max_length=n + IMAGE_TOKENS - 1 - answer, strict=True)
-    with pytest.raises(ValueError, match=r"data.json sample 0 \(id 'long'\): no supervised token"):
+    with pytest.raises(ValueError, match=r"data.json sample 0 \(id 'long'\): no supervised token \(the context ends"):
         strict[0]
     # A context shorter than the image's positions: the sample cannot be used at all.
     too_long = make_dataset(tmp_path, tok, samples + samples, max_length=IMAGE_TOKENS + 1, image_tokens=IMAGE_TOKENS)
     with pytest.raises(RuntimeError, match="none of the 2 samples"):
         too_long[0]
     assert too_long.stats == {"too_long": 2}
+
+
+def test_mismatched_samples_are_kept_masked_and_counted(tmp_path):
+    """A tokenizer whose merges cross the template's boundary (": r" in "ASSISTANT: red"): the sample is fully
+    masked and counted in the dataset's stats, the other sample is untouched."""
+    from tokenizers import Tokenizer, models
+
+    from vlkit.data.conversation import ALL_SPECIAL_TOKENS
+    from vlkit.data.tokenizer import HFTokenizer
+
+    vocab = {t: i for i, t in enumerate(ALL_SPECIAL_TOKENS)}
+    for c in sorted(set("".join(template_texts()) + "Colour? red blue")):
+        vocab.setdefault(c, len(vocab))
+    vocab.update({": ": len(vocab), ": r": len(vocab) + 1})
+    bpe = Tokenizer(models.BPE(vocab, [(":", " "), (": ", "r")], unk_token="<unk>"))
+    bpe.add_special_tokens(list(ALL_SPECIAL_TOKENS))
+    samples = [{"id": c, "conversations": chat("Colour?", c, image=False)} for c in ("red", "blue")]
+    ds = make_dataset(tmp_path, HFTokenizer(bpe), samples, lazy_preprocess=False)
+    assert (ds[0]["labels"] == IGNORE_INDEX).all() and (ds[1]["labels"] != IGNORE_INDEX).sum() == 5  # blue</s>
+    assert ds.stats == {"tokenization_mismatch": 1, "all_masked": 1} and ds.skipped == {}
+    assert ds.tokenizer.counts["tokenization_mismatch"] == 1
 
 
 def test_lazy_and_eager_preprocessing_agree(tmp_path, tok):

@@ -416,10 +416,10 @@ class LlavaDataset(Dataset):
         raise RuntimeError(f"{self.source}: none of the {n} samples can be used ({self.stats})")
 
     def _build(self, index: int) -> dict[str, Any] | None:
+        """The item, or None when the sample must be skipped (flagged). Problems of kept samples are flagged only
+        once the sample is known to be kept, so a skipped sample is counted under its skip reason alone."""
         rec = self.records[index]
         tokens = self._cache[index] if self._cache is not None else self._tokenize(index)
-        if tokens.mismatch:
-            self._flag(index, _MISMATCH)
         fitted = fit_to_context(tokens, self.max_length, self.image_tokens)
         if fitted is None:
             if self._flag(index, _TOO_LONG):
@@ -432,15 +432,9 @@ class LlavaDataset(Dataset):
                     self.max_length,
                 )
             return None
-        if fitted.truncated:
-            self._flag(index, _TRUNCATED)
-        if fitted.num_supervised == 0:
-            if self.strict:
-                raise ValueError(
-                    f"{rec.where}: no supervised token ({'tokenization mismatch' if fitted.mismatch else 'all masked'})"
-                )
-            if self._flag(index, _ALL_MASKED) and not fitted.mismatch:  # a mismatch was logged by the tokenizer
-                self._warn("all_masked", "%s: no supervised token left (answers cut by the context?)", rec.where)
+        if fitted.num_supervised == 0 and self.strict:
+            problem = "tokenization mismatch" if fitted.mismatch else "the context ends before the first answer"
+            raise ValueError(f"{rec.where}: no supervised token ({problem})")
         image = None
         if rec.image is not None:
             try:
@@ -448,15 +442,17 @@ class LlavaDataset(Dataset):
             except ImageDecodeError as e:
                 reason = e.reason if e.reason in IMAGE_REASONS else "corrupt"
                 self._image_status[index] = 1 + IMAGE_REASONS.index(reason)
-                self._warn(
-                    "image",
-                    "%s: skipped: image %s is %s%s",
-                    rec.where,
-                    e.key,
-                    reason,
-                    f" ({e.detail})" if e.detail else "",
-                )
+                detail = f" ({e.detail})" if e.detail else ""
+                self._warn("image", "%s: skipped: image %s is %s%s", rec.where, e.key, reason, detail)
                 return None
+        if fitted.mismatch:
+            self._flag(index, _MISMATCH)  # logged by the tokenizer, with the sample id
+        if fitted.truncated:
+            self._flag(index, _TRUNCATED)
+        if fitted.num_supervised == 0 and self._flag(index, _ALL_MASKED) and not fitted.mismatch:
+            self._warn(
+                "all_masked", "%s: no supervised token left (the context ends before the first answer)", rec.where
+            )
         return {
             "input_ids": torch.tensor(fitted.input_ids, dtype=torch.long),
             "labels": torch.tensor(fitted.labels, dtype=torch.long),
