@@ -18,6 +18,8 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
     params = {}
     if cfg.model.arch == "llama":
         towers = {"llm": model.llm}
+    elif cfg.model.arch == "neva":
+        towers = {"vision": model.vision_tower, "projector": model.projector, "llm": model.llm}
     else:
         towers = {"vision": getattr(model, "visual", None) or getattr(model, "backbone", None)}
     if hasattr(model, "text"):
@@ -27,11 +29,15 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
     if hasattr(model, "head"):
         params["head"] = count_parameters(model.head)
     params["total"] = count_parameters(model)
+    if cfg.model.arch == "neva":  # what the config leaves trainable (frozen towers excluded)
+        params["trainable"] = count_parameters(model, trainable_only=True)
     flops = {k: {"forward": v.forward, "train": v.forward_backward} for k, v in tower_flops(model).items()}
     flops["total"] = {kind: sum(f[kind] for f in flops.values()) for kind in ("forward", "train")}
     vision = cfg.model.vision
     if cfg.model.arch == "llama":
         seq = {"llm": cfg.model.llm.encoder_seq_length}
+    elif cfg.model.arch == "neva":  # the image's positions in the LLM sequence, and the LLM context
+        seq = {"vision": model.num_image_tokens, "llm": cfg.model.llm.encoder_seq_length}
     else:
         seq = {"vision": vision.class_token_length + vision.num_patches}
     if cfg.model.text is not None and cfg.model.arch == "clip":

@@ -107,7 +107,7 @@ def test_usage_errors_exit_2_naming_the_problem(hf_src, tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
         (["convert", str(src), "--out", out], "--from hf|open_clip|llava"),
-        (["convert", "--from", "llava", str(src), "--out", out], "not available yet"),
+        (["convert", "--from", "llava", str(src), "--out", out], "not a Hugging Face LLaVA config"),
         (
             ["convert", "--from", "hf", str(src), "--model-name", "ViT-B-32", "--out", out],
             "use them with --from open_clip",

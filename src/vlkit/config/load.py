@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlkit.config import compat
-from vlkit.config.schema import Config
+from vlkit.config.schema import Config, MMConfig
 from vlkit.config.validate import validate
 
 
@@ -203,6 +203,8 @@ def finalize(cfg: DictConfig | Config) -> Config:
 
 def _derive(cfg: Config) -> None:
     m = cfg.model
+    if m.arch == "neva" and m.mm_cfg is None:
+        m.mm_cfg = MMConfig()  # NeMo's defaults: frozen vision tower read at layer -2, linear projector
     towers = [m.vision, m.text] if m.arch == "clip" else [m.vision]
     for tower in towers:
         if tower is not None and tower.output_dim is None and m.arch == "clip":

@@ -115,15 +115,49 @@ class LLMConfig(TransformerConfig):
     rotary_base: float = 10000.0
     rope_scaling: Optional[dict[str, Any]] = None
     share_embeddings_and_output_weights: bool = False
-    from_pretrained: Optional[str] = None
-    freeze: bool = False
-    model_type: str = "llama_2"
     position_embedding_type: str = "rope"
     ffn_dropout: float = 0.0
     # Special tokens of the checkpoint (Hugging Face's config carries them): generation stops at any eos id.
     bos_token_id: Optional[int] = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     pad_token_id: Optional[int] = None
+
+
+@dataclass
+class MMLLMConfig:
+    """``model.mm_cfg.llm``: where NeVA's language model comes from and whether it trains (its architecture is
+    ``model.llm``)."""
+
+    from_pretrained: Optional[str] = None  # a Hugging Face LlamaForCausalLM or vlkit llama/NeVA directory
+    freeze: bool = False
+    model_type: str = "llama_2"  # nvgpt | llama_2 | llama_3 | vicuna_v1: the default conversation template
+
+
+@dataclass
+class MMVisionEncoderConfig:
+    """``model.mm_cfg.vision_encoder``: NeVA's image tower (its architecture is ``model.vision``), the layer it is read
+    at and whether it trains."""
+
+    from_pretrained: Optional[str] = None  # a Hugging Face CLIP, open_clip or vlkit directory (or a cached Hub id)
+    from_hf: bool = False  # from_pretrained may name a Hugging Face Hub id found in the local cache
+    # The document's declarations of the tower; None: whatever it has. Set, they must match it.
+    patch_dim: Optional[int] = None
+    hidden_size: Optional[int] = None
+    vision_select_layer: int = -2  # transformers' hidden_states index: -2 is the penultimate block's output
+    class_token_length: int = 1  # leading (class) tokens dropped from the features
+    freeze: bool = True
+    crop_size: Optional[list[int]] = None  # [h, w] the tower runs at; None: its own (model.vision.img_h/img_w)
+
+
+@dataclass
+class MMConfig:
+    """``model.mm_cfg``: NeVA's multimodal block (NeMo's keys)."""
+
+    llm: MMLLMConfig = field(default_factory=MMLLMConfig)
+    vision_encoder: MMVisionEncoderConfig = field(default_factory=MMVisionEncoderConfig)
+    mm_mlp_adapter_type: str = "linear"  # linear | mlp2x_gelu (LLaVA-1.5) | mlpNx_gelu
+    use_im_start_end: bool = False  # learned start / end embeddings around each image's features
+    pretrain_mm_mlp_adapter: Optional[str] = None  # stage-1 weights for the projector (a checkpoint or file)
 
 
 @dataclass
@@ -150,7 +184,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: Optional[TextConfig] = None
     llm: Optional[LLMConfig] = None
-    mm_cfg: Optional[dict[str, Any]] = None  # NeVA's multimodal block; given a schema by the NeVA issue
+    mm_cfg: Optional[MMConfig] = None  # NeVA's multimodal block (model.arch=neva; filled with defaults)
 
 
 @dataclass
@@ -256,6 +290,7 @@ class ParallelConfig:
 @dataclass
 class Config:
     name: str = "vlkit"
+    data_dir: str = "data"  # what the documents' ${data_dir}/... paths are relative to (NeMo's launcher variable)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from vlkit.config.schema import Config, LLMConfig, TextConfig, TransformerConfig, VisionConfig
+import re
+
+from vlkit.config.schema import Config, LLMConfig, ModelConfig, TextConfig, TransformerConfig, VisionConfig
 
 ARCHS = ("clip", "vit_classifier", "llama", "neva")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "swiglu")
@@ -15,6 +17,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 DATA_KINDS = ("synthetic_shapes", "webdataset", "csv", "imagefolder", "llava")
 CONV_TEMPLATES = ("plain", "vicuna_v1", "llama_2", "nvgpt", "llama_3")  # = vlkit.data.conversation.TEMPLATES
 IMAGE_ASPECT_RATIOS = ("square", "pad", "keep")
+# NeVA: mm_cfg.llm.model_type picks the conversation template (the data module's names, less stage 1's "plain").
+LLM_MODEL_TYPES = ("nvgpt", "llama_2", "llama_3", "vicuna_v1")
+PROJECTOR_TYPES = re.compile(r"linear|mlp([1-9][0-9]*)x_gelu")  # = vlkit.models.neva.build_projector
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -134,6 +139,44 @@ def _check_llm(p: list[str], t: LLMConfig, tp: int) -> None:
             p.append(f"model.llm.{key}={i} is outside model.llm.vocab_size={t.vocab_size}")
 
 
+def _check_neva(p: list[str], m: ModelConfig) -> None:
+    """``model.mm_cfg`` against the towers it wires together. Declarations that describe the vision tower (patch_dim,
+    hidden_size, crop_size, the layer read) are checked against ``model.vision`` only when the tower is built from it;
+    a pretrained tower is checked when it is loaded (vlkit.interop.neva)."""
+    mm, v = m.mm_cfg, m.vision
+    if mm is None:
+        return
+    if not PROJECTOR_TYPES.fullmatch(mm.mm_mlp_adapter_type):
+        kind = mm.mm_mlp_adapter_type
+        p.append(f"model.mm_cfg.mm_mlp_adapter_type={kind!r} is not one of linear, mlp2x_gelu, mlpNx_gelu (N >= 1)")
+    _choice(p, "model.mm_cfg.llm.model_type", mm.llm.model_type, LLM_MODEL_TYPES)
+    enc = mm.vision_encoder
+    key = "model.mm_cfg.vision_encoder"
+    if enc.class_token_length < 0:
+        p.append(f"{key}.class_token_length={enc.class_token_length} must be >= 0")
+    if enc.crop_size is not None and (len(enc.crop_size) != 2 or any(s <= 0 for s in enc.crop_size)):
+        p.append(f"{key}.crop_size={list(enc.crop_size)} must be [height, width], both positive")
+    if enc.from_pretrained:
+        return
+    declared = [("patch_dim", enc.patch_dim, v.patch_dim), ("hidden_size", enc.hidden_size, v.hidden_size)]
+    if enc.crop_size is not None and len(enc.crop_size) == 2:
+        declared.append(("crop_size", list(enc.crop_size), [v.img_h, v.img_w]))
+    for name, said, has in declared:
+        if said is not None and said != has:
+            tower = "[model.vision.img_h, model.vision.img_w]" if name == "crop_size" else f"model.vision.{name}"
+            p.append(f"{key}.{name}={said} disagrees with {tower}={has} (the tower built without from_pretrained)")
+    if not -(v.num_layers + 1) <= enc.vision_select_layer <= v.num_layers:
+        p.append(
+            f"{key}.vision_select_layer={enc.vision_select_layer} is outside the {v.num_layers + 1} hidden states of "
+            f"model.vision.num_layers={v.num_layers} (valid: {-(v.num_layers + 1)}..{v.num_layers})"
+        )
+    if enc.class_token_length > v.class_token_length:
+        p.append(
+            f"{key}.class_token_length={enc.class_token_length} drops more tokens than the tower's "
+            f"model.vision.class_token_length={v.class_token_length} class tokens"
+        )
+
+
 def validate(cfg: Config) -> list[str]:
     """Every problem of a resolved config, each naming its keys. Empty when the config is usable."""
     p: list[str] = []
@@ -164,6 +207,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.arch={m.arch} needs a model.llm section")
     if m.llm is not None:
         _check_llm(p, m.llm, tp)
+    if m.mm_cfg is not None and m.arch != "neva":
+        p.append(f"model.mm_cfg is NeVA's block; model.arch={m.arch!r} does not use it (set model.arch=neva)")
+    if m.arch == "neva":
+        _check_neva(p, m)
 
     _choice(p, "trainer.precision", tr.precision, PRECISIONS)
     if tr.amp_O2 and tr.precision == "fp32":

@@ -28,15 +28,17 @@ _EPILOG = """examples:
   vlkit convert --from open_clip open_clip_pytorch_model.bin --model-name ViT-B-32-quickgelu --out models/b32
   vlkit convert --to hf models/clip-b32 --out exported/clip-b32-hf
   vlkit convert --to open_clip models/clip-b32 --out exported/clip-b32-open_clip
-  vlkit convert --from hf clip-vit-base-patch32/ --to open_clip --out exported/b32-open_clip"""
+  vlkit convert --from hf clip-vit-base-patch32/ --to open_clip --out exported/b32-open_clip
+  vlkit convert --from llava llava-1.5-7b-hf/ --out models/neva-llava-1.5-7b"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints from/to Hugging Face and open_clip",
+        help="convert checkpoints from/to Hugging Face and open_clip (and LLaVA to NeVA)",
         description="Convert a CLIP checkpoint between formats with exact parity: Hugging Face transformers "
-        "CLIPModel directories, open_clip directories or checkpoint files, and vlkit directories. The tokenizer "
+        "CLIPModel directories, open_clip directories or checkpoint files, and vlkit directories; Hugging Face "
+        "LlavaForConditionalGeneration directories become vlkit NeVA directories (--from llava). The tokenizer "
         "and the preprocessing (image size, mean, std, crop style, interpolation) travel with the weights.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,6 +77,10 @@ def _load(args: argparse.Namespace, src: Path):
         from vlkit.interop.hf import load_hf
 
         return load_hf(src), "hf"
+    if args.source == "llava":
+        from vlkit.interop.hf_llava import load_hf_llava
+
+        return load_hf_llava(src), "llava"
     if args.source == "open_clip":
         from vlkit.interop.open_clip import load_open_clip
 
@@ -83,8 +89,20 @@ def _load(args: argparse.Namespace, src: Path):
     return load_model(src), kind
 
 
+def _detect(src: Path) -> str:
+    from vlkit.interop.native import detect_format
+
+    return detect_format(src)[0]
+
+
 def _save(model, out: Path, target: str) -> None:
     from vlkit.interop.native import save_model
+
+    if target != "vlkit" and getattr(model.config, "arch", None) == "neva":
+        raise UsageError(
+            f"--to {target}: NeVA models convert to vlkit directories only (the vision blocks after the selected "
+            "layer are not kept, so there is no complete Hugging Face LLaVA to write)"
+        )
 
     if target == "hf":
         from vlkit.interop.hf import save_hf
@@ -132,9 +150,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.source is None and args.target is None:
         raise UsageError("say what to convert: --from hf|open_clip|llava (to vlkit) and/or --to hf|open_clip")
-    if args.source == "llava":
-        print("vlkit convert --from llava: not available yet (delivered by the NeVA issue).", file=sys.stderr)
-        return EXIT_USAGE
     if (args.model_name or args.config) and args.source != "open_clip":
         raise UsageError("--model-name and --config describe an open_clip checkpoint: use them with --from open_clip")
     src, out = Path(args.src), Path(args.out)
@@ -148,6 +163,10 @@ def _run(args: argparse.Namespace) -> int:
             from vlkit.interop.hf import convert_hf_to_vlkit
 
             model, kind = convert_hf_to_vlkit(src, out), "hf"  # copies the tokenizer files along
+        elif target == "vlkit" and (args.source or _detect(src)) == "llava":
+            from vlkit.interop.hf_llava import convert_llava_to_vlkit
+
+            model, kind = convert_llava_to_vlkit(src, out), "llava"  # tokenizer and processor files too
         else:
             model, kind = _load(args, src)
             _save(model, out, target)

@@ -231,14 +231,17 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     """Which kind of model ``path`` holds, judged by content: ``(kind, where)``.
 
     kind is ``vlkit`` (config.json with ``format: vlkit``), ``hf`` (a transformers CLIPModel config.json),
-    ``hf_vision`` (a CLIPVisionModel config.json: a vision tower only) or ``open_clip`` (open_clip_config.json, or a
-    weights file whose keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to
-    load; a path to a directory's config.json means the directory.
+    ``hf_vision`` (a CLIPVisionModel config.json: a vision tower only), ``hf_llama`` (a LlamaForCausalLM config.json),
+    ``llava`` (a LlavaForConditionalGeneration config.json) or ``open_clip`` (open_clip_config.json, or a weights file
+    whose keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to load; a path
+    to a directory's config.json means the directory.
 
     Raises:
         ModelFormatError: anything else; the message names the path and what was found there.
     """
     from vlkit.interop.hf import is_hf_clip_config, is_hf_clip_vision_config, looks_like_hf_clip_state_dict
+    from vlkit.interop.hf_llama import is_hf_llama_config
+    from vlkit.interop.hf_llava import is_hf_llava_config
 
     path = Path(path)
     if not path.exists():
@@ -256,6 +259,10 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
                 return "hf", path
             if is_hf_clip_vision_config(config):
                 return "hf_vision", path
+            if is_hf_llava_config(config):
+                return "llava", path
+            if is_hf_llama_config(config):
+                return "hf_llama", path
         if open_clip is not None and open_clip.is_open_clip_dir(path):
             return "open_clip", path
         if config is None:
@@ -263,8 +270,8 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
                 f"{path}: no {CONFIG_FILE} (vlkit or Hugging Face) and no {OPEN_CLIP_CONFIG_FILE}; {_listing(path)}"
             )
         raise ModelFormatError(
-            f"{cfg_file}: not a vlkit model config (format={config.get('format')!r}) nor a Hugging Face CLIP config "
-            f"(model_type={config.get('model_type')!r}, architectures={config.get('architectures')!r})"
+            f"{cfg_file}: not a vlkit model config (format={config.get('format')!r}) nor a Hugging Face CLIP, LLaMA "
+            f"or LLaVA config (model_type={config.get('model_type')!r}, architectures={config.get('architectures')!r})"
         )
     keys = read_weights_keys(path)
     if open_clip is not None and open_clip.looks_like_open_clip_state_dict(keys):
@@ -344,9 +351,10 @@ def load_model(
 ) -> nn.Module:
     """Build the model a directory or checkpoint describes and load its weights; the format is recognised by content.
 
-    Takes a vlkit directory, a Hugging Face ``CLIPModel`` directory, or an open_clip directory / checkpoint file
-    (see :func:`detect_format`). Overrides change the model config before loading, e.g. ``vision__img_h=512,
-    vision__img_w=512`` to fine-tune at a higher resolution: position embeddings are resampled to the new grid.
+    Takes a vlkit directory, a Hugging Face ``CLIPModel``, ``LlamaForCausalLM`` or ``LlavaForConditionalGeneration``
+    directory (the last gives a NeVA model), or an open_clip directory / checkpoint file (see :func:`detect_format`).
+    Overrides change the model config before loading, e.g. ``vision__img_h=512, vision__img_w=512`` to fine-tune at a
+    higher resolution: position embeddings are resampled to the new grid.
 
     Raises:
         ModelFormatError: the path holds none of these, or weights that do not fit their config.
@@ -358,6 +366,12 @@ def load_model(
         from vlkit.interop.hf import load_hf
 
         return load_hf(where, device=device, **overrides)
+    if kind in ("llava", "hf_llama"):
+        from vlkit.interop.hf_llama import load_hf_llama
+        from vlkit.interop.hf_llava import load_hf_llava
+
+        model = (load_hf_llava if kind == "llava" else load_hf_llama)(where, device=device)
+        return with_overrides(model, device, **overrides)
     if kind == "hf_vision":
         raise ModelFormatError(
             f"{where}: a Hugging Face CLIP vision tower only (no text tower); load it with vlkit.load_vision_encoder"

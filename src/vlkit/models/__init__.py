@@ -4,6 +4,7 @@ from vlkit.models.classifier import ViTClassifier
 from vlkit.models.clip import CLIPModel
 from vlkit.models.factory import MODEL_CLASSES, create_model, model_config_dict, resolve_model_config
 from vlkit.models.llama import LlamaDecoder, LlamaForCausalLM
+from vlkit.models.neva import NevaModel
 from vlkit.models.text import TextTransformer
 from vlkit.models.vit import VisionTransformer
 
@@ -12,6 +13,7 @@ __all__ = [
     "CLIPModel",
     "LlamaDecoder",
     "LlamaForCausalLM",
+    "NevaModel",
     "TextTransformer",
     "ViTClassifier",
     "VisionTransformer",

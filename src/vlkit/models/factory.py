@@ -14,11 +14,13 @@ from vlkit.config import Config, ModelConfig, apply_overrides, load_config
 from vlkit.models.classifier import ViTClassifier
 from vlkit.models.clip import CLIPModel
 from vlkit.models.llama import LlamaForCausalLM
+from vlkit.models.neva import NevaModel
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "clip": CLIPModel,
     "vit_classifier": ViTClassifier,
     "llama": LlamaForCausalLM,
+    "neva": NevaModel,
 }
 
 

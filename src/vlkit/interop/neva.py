@@ -1,0 +1,240 @@
+"""A NeVA model from pretrained parts: what ``model.mm_cfg`` names (the I/O the model itself never does).
+
+* ``mm_cfg.vision_encoder.from_pretrained``: a Hugging Face CLIP, open_clip or vlkit directory (recognised by
+  content), or a Hub id found in the local Hugging Face cache. Its architecture and preprocessing replace
+  ``model.vision``; ``crop_size`` resizes it, ``patch_dim`` / ``hidden_size`` (when set) must match it.
+* ``mm_cfg.llm.from_pretrained``: a Hugging Face ``LlamaForCausalLM`` directory, or a vlkit llama / NeVA directory.
+  Its architecture replaces ``model.llm``'s; the run-time settings (context length, dropout, activation
+  checkpointing, flash attention) stay the config's.
+* ``mm_cfg.pretrain_mm_mlp_adapter``: stage-1 projector weights (see :func:`load_adapter`).
+
+Large parts are never initialised twice: the model is built on the meta device and each part either takes the
+loaded tensors as they are or is materialised and initialised on ``device``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlkit.config.schema import LLMConfig, MMConfig, ModelConfig, TransformerConfig, VisionConfig
+from vlkit.interop.native import WEIGHTS_FILE, ModelFormatError, read_weights_file
+from vlkit.models.factory import create_model, resolve_model_config
+from vlkit.models.neva import NevaModel, freeze, load_trainable_state_dict
+from vlkit.nn import RotaryEmbedding
+
+# model.llm settings that belong to the run, not to the checkpoint: they survive a pretrained LLM.
+RUN_SETTINGS = (
+    "encoder_seq_length", "hidden_dropout", "attention_dropout", "drop_path_rate", "activations_checkpoint_granularity",
+    "activations_checkpoint_method", "activations_checkpoint_num_layers", "use_flash_attention",
+)  # fmt: skip
+# Where a trainer's checkpoints directory names its newest checkpoint (vlkit.train.checkpoint).
+LATEST_FILE = "latest"
+LLAVA_ADAPTER_FILE = "mm_projector.bin"
+
+
+def resolve_pretrained(value: str, key: str, from_hf: bool = False) -> Path:
+    """A local path for a ``from_pretrained`` value: the path itself, or (``from_hf``, or a value shaped like a Hub
+    id) its snapshot in the local Hugging Face cache. vlkit never downloads.
+
+    Raises:
+        FileNotFoundError: neither exists; the message says how to fetch it.
+    """
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    hub_like = value.count("/") == 1 and not value.startswith((".", "/", "~"))
+    if from_hf or hub_like:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(value, local_files_only=True))
+        except Exception:  # not installed, not cached, or not a valid id: the message below covers each
+            pass
+    raise FileNotFoundError(
+        f"{key}={value!r}: no such file or directory (nor a cached Hugging Face snapshot); vlkit reads local copies "
+        f"only: fetch it first (e.g. `huggingface-cli download {value} --local-dir DIR`) and set {key}=DIR"
+    )
+
+
+def _differences(key: str, old: TransformerConfig, new: TransformerConfig, skip: tuple[str, ...] = ()) -> list[str]:
+    return [
+        f"{key}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+        for f in fields(new)
+        if f.name not in skip and getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def _load_vision(cfg: ModelConfig, device: torch.device | str) -> tuple[nn.Module, VisionConfig, list[str]]:
+    """(the whole pretrained tower, its config, notes)."""
+    from vlkit.interop.vision import load_vision_tower
+
+    enc = cfg.mm_cfg.vision_encoder
+    key = "model.mm_cfg.vision_encoder.from_pretrained"
+    path = resolve_pretrained(enc.from_pretrained, key, enc.from_hf)
+    overrides = {}
+    if enc.crop_size is not None:
+        overrides = {"vision__img_h": int(enc.crop_size[0]), "vision__img_w": int(enc.crop_size[1])}
+    tower = load_vision_tower(path, device=device, **overrides)
+    vision = replace(tower.config, output_dim=None)  # NeVA reads hidden states; a CLIP projection is never used
+    for name, said in (("patch_dim", enc.patch_dim), ("hidden_size", enc.hidden_size)):
+        if said is not None and said != getattr(vision, name):
+            raise ValueError(
+                f"model.mm_cfg.vision_encoder.{name}={said}, but the tower at {path} has {name}={getattr(vision, name)}"
+            )
+    notes = [f"vision tower from {path}"] + _differences("model.vision", cfg.vision, vision)
+    return tower, vision, notes
+
+
+def _load_llm(cfg: ModelConfig, device: torch.device | str) -> tuple[dict, LLMConfig, list[str]]:
+    """(the decoder's state dict, the merged LLM config, notes)."""
+    from vlkit.interop.hf_llama import is_hf_llama_config, load_hf_llama
+    from vlkit.interop.native import load_model, read_json
+
+    key = "model.mm_cfg.llm.from_pretrained"
+    path = resolve_pretrained(cfg.mm_cfg.llm.from_pretrained, key)
+    if path.is_file() and path.suffix == ".nemo":
+        raise ModelFormatError(
+            f"{key}={path}: NeMo .nemo archives are not read; convert the language model to a Hugging Face "
+            "LlamaForCausalLM directory (NeMo's convert script) and point the key there"
+        )
+    config_file = path / "config.json"
+    if config_file.is_file() and is_hf_llama_config(read_json(config_file)):
+        decoder = load_hf_llama(path, device=device).llm
+    else:
+        model = load_model(path, device=device)
+        decoder = getattr(model, "llm", None)
+        if decoder is None:
+            raise ModelFormatError(f"{key}={path}: a {type(model).__name__} holds no language model")
+    llm = replace(decoder.config, **{name: getattr(cfg.llm, name) for name in RUN_SETTINGS})
+    notes = [f"language model from {path}"] + _differences("model.llm", cfg.llm, llm)
+    return decoder.state_dict(), llm, notes
+
+
+def _materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Storage for a part built on the meta device (its init follows); RoPE tables are computed, not stored."""
+    module.to_empty(device=device)
+    for m in module.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_parameters(device)
+
+
+def build_neva_model(
+    cfg: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[NevaModel, list[str]]:
+    """The NeVA of ``cfg`` with the pretrained parts its ``mm_cfg`` names, the rest freshly initialised.
+
+    Returns:
+        (model, notes): ``model.config`` is the config that really describes it (a pretrained tower's architecture
+        replaces the one in ``cfg``: build data from it); ``notes`` say where each part came from and what changed.
+
+    Raises:
+        FileNotFoundError: a named checkpoint is missing.
+        ModelFormatError / ValueError: a checkpoint that does not fit (the message names the key and the path).
+    """
+    from vlkit.interop.hf_llama import assign_state_dict
+
+    cfg = resolve_model_config(cfg)
+    mm = cfg.mm_cfg or MMConfig()
+    notes: list[str] = []
+    tower = decoder_state = None
+    if mm.vision_encoder.from_pretrained:
+        tower, vision, more = _load_vision(cfg, device)
+        cfg, notes = replace(cfg, vision=vision), notes + more
+    if mm.llm.from_pretrained:
+        decoder_state, llm, more = _load_llm(cfg, device)
+        cfg, notes = replace(cfg, llm=llm), notes + more
+    cfg = resolve_model_config(cfg)  # validates the merged config (the layer read must exist in the new tower)
+    model = create_model(cfg, device="meta")
+
+    if tower is None:
+        _materialize(model.vision_tower, device)
+        model.vision_tower.tower.init_weights()
+    else:
+        wanted = model.vision_tower.tower.state_dict()
+        assign_state_dict(
+            model.vision_tower.tower, {k: t for k, t in tower.state_dict().items() if k in wanted}, device
+        )
+    if decoder_state is None:
+        _materialize(model.llm, device)
+        model.llm.init_weights()
+    else:
+        assign_state_dict(model.llm, decoder_state, device)
+    _materialize(model.projector, device)
+    for name in ("im_start", "im_end"):
+        p = getattr(model, name)
+        if p is not None:
+            setattr(model, name, nn.Parameter(torch.empty(p.shape, device=device)))
+    model.reset_adapter()
+    if model.im_start is not None and decoder_state is not None:
+        with torch.no_grad():  # LLaVA's start for new token embeddings: the mean of the trained ones
+            mean = model.llm.embed.weight.float().mean(0)
+            model.im_start.copy_(mean)
+            model.im_end.copy_(mean)
+    if mm.pretrain_mm_mlp_adapter:
+        notes.append(f"projector from {load_adapter(model, mm.pretrain_mm_mlp_adapter)}")
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"build_neva_model left tensors uninitialised: {left[:6]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    freeze(model)
+    return model, notes
+
+
+# -- stage-1 projector weights -----------------------------------------------------------------------------------------
+def _adapter_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.mm_cfg.pretrain_mm_mlp_adapter={path}: no such file or directory")
+    for candidate in (path / WEIGHTS_FILE, path / LLAVA_ADAPTER_FILE):
+        if candidate.is_file():
+            return candidate
+    latest = path / LATEST_FILE
+    if latest.is_file():  # a trainer's checkpoints directory: its newest checkpoint
+        return _adapter_file(path / latest.read_text().strip())
+    raise FileNotFoundError(
+        f"model.mm_cfg.pretrain_mm_mlp_adapter={path}: holds no {WEIGHTS_FILE}, {LLAVA_ADAPTER_FILE} or "
+        f"{LATEST_FILE} pointer"
+    )
+
+
+def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The projector (and start/end) tensors of a checkpoint, under vlkit's names. LLaVA's ``mm_projector.bin``
+    (``model.mm_projector.*``, a bare Linear for the linear type) is renamed."""
+    out = {}
+    for key, t in state.items():
+        key = key.removeprefix("model.")
+        if key.startswith("mm_projector."):
+            rest = key.removeprefix("mm_projector.")
+            key = "projector." + ("0." + rest if rest in ("weight", "bias") else rest)
+        if key.startswith("projector.") or key in ("im_start", "im_end"):
+            out[key] = t
+    return out
+
+
+def load_adapter(model: NevaModel, path: str | Path) -> Path:
+    """Load stage-1 projector weights into ``model``; returns the file read.
+
+    ``path``: a vlkit model or checkpoint directory (``model.safetensors``, whole or trainable-only), a trainer's
+    checkpoints directory (its ``latest``), a safetensors file, or LLaVA's ``mm_projector.bin`` (read with
+    ``weights_only``).
+
+    Raises:
+        ValueError: the file holds no projector, or one that does not fit (the message names the file).
+    """
+    file = _adapter_file(Path(path))
+    state = adapter_state(read_weights_file(file))
+    expected = sorted(k for k, _ in model.named_parameters() if k.startswith("projector."))
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(
+            f"{file}: no projector weights for {missing} (found {sorted(state)[:6] or 'none'}); is it a checkpoint of "
+            f"model.mm_cfg.mm_mlp_adapter_type={model.config.mm_cfg.mm_mlp_adapter_type}?"
+        )
+    load_trainable_state_dict(model, state, str(file))
+    return file
