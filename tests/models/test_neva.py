@@ -22,6 +22,15 @@ IMG = IMAGE_TOKEN_INDEX
 P = 16  # neva-tiny: 32 px / patch 8 = 16 patches, class token dropped
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matrices gain nothing from intra-op threads; on a busy 2-core machine OpenMP's waits dominate.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**overrides) -> NevaModel:
     torch.manual_seed(0)
     return create_model("neva-tiny", **overrides)
