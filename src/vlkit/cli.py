@@ -1,4 +1,4 @@
-"""The ``vlkit`` command line: info | train | eval | convert | chat | data | bench | demo.
+"""The ``vlkit`` command line: info | train | eval | predict | convert | chat | data | bench | demo.
 
 Exit codes: 0 success, 2 bad usage or config (the message names the problem), 1 anything else.
 """
@@ -113,7 +113,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
-    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.interop.cli"))
+    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.predict", "vlkit.interop.cli"))
     for name in PLANNED:
         _add_planned(sub, name)
     data_issue, loss_issue = "the Data pipeline issue", "the Contrastive loss engine issue"

@@ -4,6 +4,10 @@ Eval: resize so the image covers the target (the shortest side for a square targ
 crop, scale to [0, 1], normalise. Train: RandomResizedCrop (scale 0.9-1.0, bicubic) in place of resize + crop.
 Everything starts by converting any PIL mode to RGB (:func:`vlkit.data.images.to_rgb`).
 
+Classification training adds, in timm's order and all off by default: horizontal flip after the crop, a torchvision
+augmentation policy (RandAugment, AutoAugment or TrivialAugment, see :func:`auto_augment_transform`) on the PIL
+image, and random erasing on the normalised tensor.
+
 Two eval crop styles exist because the reference implementations disagree by one pixel on some sizes:
 
 - ``openai`` (default): OpenAI's CLIP and open_clip, i.e. torchvision ``Resize`` + ``CenterCrop``. The crop offset is
@@ -106,6 +110,48 @@ class ResizeCenterCrop(v2.Transform):
         return F.crop(inpt, top, left, target_h, target_w)
 
 
+AUTO_AUGMENT_POLICIES = {"imagenet": "IMAGENET", "cifar10": "CIFAR10", "svhn": "SVHN"}
+
+
+def auto_augment_transform(spec: str, fill: tuple[int, ...] | None = None) -> v2.Transform:
+    """A torchvision augmentation policy from its name (the ``data.auto_augment`` key).
+
+    ``rand`` (RandAugment, 2 ops at magnitude 9 of 30), ``rand-m<M>-n<N>`` (either part optional, e.g. ``rand-m7``),
+    ``auto`` / ``auto-imagenet`` / ``auto-cifar10`` / ``auto-svhn`` (AutoAugment with that policy; ``auto`` is
+    ImageNet's), ``trivial`` (TrivialAugmentWide). ``fill`` paints the area that rotations and shears uncover.
+
+    Raises:
+        ValueError: an unknown name or a malformed ``rand-...`` part, naming the key.
+    """
+    parts = spec.strip().lower().split("-")
+    head, rest = parts[0], parts[1:]
+    fill_arg = list(fill) if fill is not None else None
+    if head == "rand":
+        ops, magnitude = 2, 9
+        for part in rest:
+            if len(part) > 1 and part[0] in "mn" and part[1:].isdigit():
+                value = int(part[1:])
+                if part[0] == "m":
+                    magnitude = value
+                else:
+                    ops = value
+            else:
+                raise ValueError(f"data.auto_augment={spec!r}: cannot read {part!r} (expected m<magnitude> or n<ops>)")
+        if not 0 <= magnitude <= 30 or ops < 1:
+            raise ValueError(f"data.auto_augment={spec!r}: magnitude must be in 0..30 and ops >= 1")
+        return v2.RandAugment(num_ops=ops, magnitude=magnitude, num_magnitude_bins=31, fill=fill_arg)
+    if head == "auto" and len(rest) <= 1:
+        policy = rest[0] if rest else "imagenet"
+        if policy in AUTO_AUGMENT_POLICIES:
+            return v2.AutoAugment(getattr(v2.AutoAugmentPolicy, AUTO_AUGMENT_POLICIES[policy]), fill=fill_arg)
+    if head == "trivial" and not rest:
+        return v2.TrivialAugmentWide(fill=fill_arg)
+    raise ValueError(
+        f"data.auto_augment={spec!r} is not a known policy "
+        "(rand, rand-m<M>-n<N>, auto, auto-imagenet, auto-cifar10, auto-svhn, trivial)"
+    )
+
+
 def vision_config(model_or_config: Any) -> Any:
     """The vision config (``img_h``, ``img_w``, ``mean``, ``std``, ...) of a model, config or preset name.
 
@@ -141,6 +187,9 @@ def get_transform(
     interpolation: str | None = None,
     exif_transpose: bool = False,
     scale: tuple[float, float] = TRAIN_SCALE,
+    hflip: float = 0.0,
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
 ) -> Callable[[Any], torch.Tensor]:
     """The preprocessing of a model: a callable from a PIL image (any mode) to a float tensor ``[3, img_h, img_w]``.
 
@@ -154,6 +203,10 @@ def get_transform(
         interpolation: ``bicubic`` or ``bilinear``; None: the config's, else ``bicubic``.
         exif_transpose: apply the EXIF orientation first (off: OpenAI and open_clip do not).
         scale: RandomResizedCrop's range of the crop's share of the image area (train only).
+        hflip: probability of a horizontal flip (train only).
+        auto_augment: a torchvision policy name for :func:`auto_augment_transform` (train only).
+        random_erasing: probability of erasing a random box with per-pixel normal noise after normalisation
+            (torchvision's RandomErasing, ``value="random"``; train only).
 
     Returns:
         A ``torchvision.transforms.v2.Compose``; its output is a plain ``torch.Tensor`` (float32, CHW).
@@ -174,15 +227,22 @@ def get_transform(
         raise ValueError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
     mode = INTERPOLATIONS[interpolation]
 
+    mean = getattr(cfg, "mean", None) or getattr(cfg, "image_mean", None) or OPENAI_CLIP_MEAN
+    std = getattr(cfg, "std", None) or getattr(cfg, "image_std", None) or OPENAI_CLIP_STD
     steps: list[Callable] = [ToRGB(exif_transpose=exif_transpose)]
     if train:
         steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True))
+        if hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip))
+        if auto_augment:
+            # Uncovered areas get the mean colour, which normalises to zero (timm does the same).
+            steps.append(auto_augment_transform(auto_augment, fill=tuple(round(255 * m) for m in mean)))
     else:
         steps.append(ResizeCenterCrop(size, crop_style=crop_style, interpolation=mode))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if normalize:
-        mean = getattr(cfg, "mean", None) or getattr(cfg, "image_mean", None) or OPENAI_CLIP_MEAN
-        std = getattr(cfg, "std", None) or getattr(cfg, "image_std", None) or OPENAI_CLIP_STD
         steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    if train and random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing, value="random"))
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)

@@ -10,6 +10,10 @@ def task_for(arch: str) -> type[Task]:
         from vlkit.tasks.clip import CLIPTask
 
         return CLIPTask
+    if arch == "vit_classifier":
+        from vlkit.tasks.classify import ClassifyTask
+
+        return ClassifyTask
     raise NotImplementedError(f"training model.arch={arch!r} is not available yet")
 
 

@@ -60,6 +60,15 @@ class Task:
         """model.train(), except what must stay in eval mode (frozen towers)."""
         model.train()
 
+    # -- resuming -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the task itself must carry across a resume (a weight average, ...), stored in the trainer's
+        checkpoints; tensors allowed. Called on every rank when a checkpoint is written. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called when resuming, before the first step)."""
+
     # -- accounting -----------------------------------------------------------------------------------------------
     def batch_size(self, batch: Batch) -> int:
         return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))

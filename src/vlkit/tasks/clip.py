@@ -127,8 +127,11 @@ class CLIPTask(Task):
         return sum(c.forward_backward for c in tower_flops(meta, text_length).values())
 
 
-def ensure_shapes_dataset(data_cfg: Any, image_size: int, is_main: bool) -> Any:
-    """Write the synthetic shapes dataset at ``data.train_path``'s root once (rank 0), then point the config at it."""
+def ensure_shapes_dataset(data_cfg: Any, image_size: int, is_main: bool, classification: bool = False) -> Any:
+    """Write the synthetic shapes dataset at ``data.train_path``'s root once (rank 0), then point the config at it.
+
+    ``classification``: the ImageFolder layout (``vlkit data shapes --classification``) instead of shards."""
+    import json
     from dataclasses import replace
 
     from vlkit.data.shapes import write_shapes_dataset
@@ -136,14 +139,20 @@ def ensure_shapes_dataset(data_cfg: Any, image_size: int, is_main: bool) -> Any:
     root = Path(data_cfg.train_path or "data/shapes")
     if root.name in ("train", "val"):
         root = root.parent
-    if is_main and not (root / "classes.json").is_file():
+    layout = "imagefolder" if classification else "webdataset"
+    index = root / "classes.json"
+    if is_main and not index.is_file():
         size = data_cfg.dataset_size or 20000
-        write_shapes_dataset(root, train=size, val=max(500, size // 20), size=image_size)
+        write_shapes_dataset(root, train=size, val=max(500, size // 20), size=image_size, classification=classification)
     if dist.is_initialized():
         dist.barrier()
+    found = json.loads(index.read_text(encoding="utf-8")).get("format", "webdataset")
+    if found != layout:
+        raise ValueError(f"data.train_path={data_cfg.train_path}: {root} holds the shapes dataset as {found}, this "
+                         f"task reads {layout}; point data.train_path at another folder")  # fmt: skip
     return replace(
         data_cfg,
-        kind="webdataset",
+        kind=layout,
         train_path=str(root / "train"),
         val_path=str(root / "val"),
         dataset_size=None,

@@ -1,17 +1,24 @@
-"""Optimizers with open_clip's weight-decay rule, and learning-rate schedules with warm-up."""
+"""Optimizers with open_clip's weight-decay rule and timm's layer-wise lr decay, and learning-rate schedules with
+warm-up."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 from vlkit.config.schema import OptimConfig, ScheduleConfig
 
+# Names inside a ViT (vlkit.models.vit.VisionTransformer) that layer-wise lr decay sorts by depth.
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDING = re.compile(r"(?:^|\.)(?:patch_embed|pos_embed|class_token|norm_pre)(?:\.|$)")
 
-def _strip_wrappers(name: str) -> str:
-    # DDP ("module."), torch.compile ("_orig_mod.") and activation-checkpoint wrappers prefix parameter names.
+
+def strip_wrappers(name: str) -> str:
+    """A parameter name without the prefixes wrappers add: DDP's ``module.``, torch.compile's ``_orig_mod.`` and
+    activation checkpointing's ``_checkpoint_wrapped_module.``."""
     for prefix in ("module.", "_orig_mod.", "_checkpoint_wrapped_module."):
         name = name.replace(prefix, "")
     return name
@@ -23,20 +30,59 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return set(fn()) if fn else set()
 
 
+def layer_ids(names: list[str]) -> tuple[dict[str, int], int]:
+    """Depth of each parameter of a ViT for layer-wise lr decay, and the number of blocks L (timm's grouping).
+
+    Embeddings (patch embedding, position embedding, class tokens, the pre-norm after them) are layer 0, block ``i``
+    is layer ``i + 1``, everything after the blocks (final norm, head) is layer ``L + 1``.
+
+    Raises:
+        ValueError: no ``blocks.N`` parameters, or more than one block stack (a CLIP model has two towers).
+    """
+    stacks, ids = set(), {}
+    for name in names:
+        m = _BLOCK.search(name)
+        if m is not None:
+            stacks.add(name[: m.start()])
+            ids[name] = int(m.group(1)) + 1
+    if not stacks:
+        raise ValueError("optim.layer_decay needs a model with transformer blocks (parameters named blocks.N)")
+    if len(stacks) > 1:
+        raise ValueError(f"optim.layer_decay needs one block stack (a ViT); this model has {sorted(stacks)}")
+    num_blocks = max(ids.values())
+    for name in names:
+        if name not in ids:
+            ids[name] = 0 if _EMBEDDING.search(name) else num_blocks + 1
+    return ids, num_blocks
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Two groups: decayed matrices, and the undecayed rest (biases, norm gains, 1-d tensors, logit scale and
     whatever the model's ``no_weight_decay()`` names). Frozen parameters are left out, so they get no optimizer state.
+
+    With ``cfg.layer_decay`` each of those is split by depth (:func:`layer_ids`): layer ``k`` of ``L + 2`` gets
+    ``lr = cfg.lr * layer_decay ** (L + 1 - k)`` (head 1, block i ``decay^(L-i)``, embeddings ``decay^(L+1)``),
+    stored as the group's ``lr`` (the scheduler scales every group alike) and ``lr_scale``. Groups are ordered
+    from the head down, so the first group's lr (the one logged) is the peak.
     """
     skip = _no_decay_names(model)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        clean = _strip_wrappers(name)
+    named = [(strip_wrappers(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    depth, num_blocks = layer_ids([n for n, _ in named]) if cfg.layer_decay is not None else ({}, 0)
+    groups: dict[tuple[int, bool], dict] = {}
+    for clean, p in named:
         exempt = p.ndim < 2 or "norm" in clean or clean.endswith(".bias") or clean in skip
-        (no_decay if exempt and not cfg.decay_norm_and_bias else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decayed = not exempt or cfg.decay_norm_and_bias
+        layer = depth.get(clean, 0)
+        group = groups.get((layer, decayed))
+        if group is None:
+            group = {"params": [], "weight_decay": cfg.weight_decay if decayed else 0.0}
+            if cfg.layer_decay is not None:
+                scale = cfg.layer_decay ** (num_blocks + 1 - layer)
+                group.update(lr=cfg.lr * scale, lr_scale=scale, layer=layer)
+            groups[(layer, decayed)] = group
+        group["params"].append(p)
+    # Without layer decay: the decayed group, then the undecayed one (the order checkpoints have always had).
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
 def _use_fused(cfg: OptimConfig, model: nn.Module) -> bool:

@@ -117,6 +117,9 @@ class Trainer:
                 positions = [None] * self.dist.world_size
                 dist.all_gather_object(positions, self.loader.state_dict())
             state["data"] = positions
+        task_state = self.task.state_dict()  # e.g. the classify task's weight average (collective when sharded)
+        if task_state:
+            state["task"] = task_state
         return state
 
     def save(self) -> Path:
@@ -138,6 +141,8 @@ class Trainer:
                     f"{self.dist.world_size}: resume with the same number of processes"
                 )
             self.loader.load_state_dict(positions[self.dist.rank])
+        if "task" in state:
+            self.task.load_state_dict(state["task"])
         return True
 
     def _inner_model(self) -> nn.Module:
