@@ -1,5 +1,6 @@
-"""Weight formats: vlkit's own directories (native.py), Hugging Face transformers CLIP (hf.py), open_clip
-(open_clip.py), the NeVA vision-encoder loader (vision.py) and ``vlkit convert`` (cli.py).
+"""Weight formats: vlkit's own directories (native.py), Hugging Face transformers CLIP (hf.py), LLaMA (hf_llama.py)
+and LLaVA (hf_llava.py), open_clip (open_clip.py), the NeVA vision-encoder loader (vision.py), NeVA from pretrained
+parts (neva.py) and ``vlkit convert`` (cli.py).
 
 Imported lazily, so that ``vlkit --help`` (which registers ``vlkit convert``) does not pay for importing torch.
 """
@@ -22,6 +23,11 @@ _EXPORTS = {
     "save_open_clip": "vlkit.interop.open_clip",
     "load_vision_encoder": "vlkit.interop.vision",
     "VisionEncoder": "vlkit.interop.vision",
+    "load_vision_tower": "vlkit.interop.vision",
+    "load_hf_llava": "vlkit.interop.hf_llava",
+    "convert_llava_to_vlkit": "vlkit.interop.hf_llava",
+    "build_neva_model": "vlkit.interop.neva",
+    "load_adapter": "vlkit.interop.neva",
 }
 __all__ = list(_EXPORTS)
 
