@@ -120,3 +120,16 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
     with pytest.raises(ValueError, match=r"no projector weights for \['projector\.0\.bias'"):
         torch.save({"model.mm_projector.weight": torch.zeros(64, 64)}, tmp_path / "bare.bin")
         load_adapter(linear, tmp_path / "bare.bin")
+
+
+def test_load_model_recognises_a_hugging_face_llama_directory(parts):
+    from vlkit.interop.native import detect_format
+    from vlkit.models import LlamaForCausalLM
+
+    _, llama, root = parts
+    assert detect_format(root / "llama")[0] == "hf_llama"
+    model = vlkit.load_model(root / "llama").eval()
+    assert isinstance(model, LlamaForCausalLM)
+    ids = torch.tensor([[1, 7, 9, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), llama(ids).logits, rtol=0, atol=1e-5)
