@@ -57,8 +57,11 @@ LLAVA_SYSTEM = (
 NVGPT_LABEL = (
     "quality:4,toxicity:0,humor:0,creativity:0,helpfulness:4,correctness:4,coherence:4,complexity:4,verbosity:4"
 )
-# A stand-in answer that ends a generation prompt while it is tokenised (see ConversationTokenizer.prompt).
-_ANSWER_PROBE = "x"
+# A stand-in answer that ends a generation prompt while it is tokenised (see ConversationTokenizer.prompt): a common
+# one-letter word, which tokenizers merge with a preceding space ("Ġa", "▁a") as they do real answers' first words, so
+# a space that ends the header goes with the answer, as in training. A rare letter ("x") may stay apart from the
+# space ("Ġ" "x"), leaving the prompt with a space token that no training answer was ever preceded by.
+_ANSWER_PROBE = "a"
 # Warnings per kind of problem and process before only counting goes on (a broken dataset would flood the log).
 MAX_WARNINGS = 20
 
