@@ -336,6 +336,11 @@ def _load_vlkit(path: Path, device: str | torch.device, strict: bool, overrides:
         if str(text.get("tokenizer", "clip")).lower() not in CLIP_NAMES:
             # The tokenizer files travel with the directory: point at them wherever it now lives.
             text["tokenizer"] = str(path.resolve())
+    if config["model"].get("arch") == "neva" and strict and not overrides:
+        from vlkit.interop.neva import neva_from_weights
+
+        # A NeVA trainer checkpoint may hold only what trained (stage 1: the projector); the config names the rest.
+        return neva_from_weights(config["model"], load_state_dict(path, device), device=device, where=str(path))
     stored_grid = None
     if overrides:
         stored_grid = resolve_model_config(config["model"]).vision.grid_size

@@ -8,6 +8,9 @@
   checkpointing, flash attention) stay the config's.
 * ``mm_cfg.pretrain_mm_mlp_adapter``: stage-1 projector weights (see :func:`load_adapter`).
 
+:func:`neva_from_weights` goes the other way round: a saved NeVA whose weights file holds only part of the model (a
+stage-1 checkpoint: the projector) gets the rest from the parts its config names.
+
 Large parts are never initialised twice: the model is built on the meta device and each part either takes the
 loaded tensors as they are or is materialised and initialised on ``device``.
 """
@@ -115,11 +118,15 @@ def _load_llm(cfg: ModelConfig, device: torch.device | str) -> tuple[dict, LLMCo
 
 
 def _materialize(module: nn.Module, device: torch.device | str) -> None:
-    """Storage for a part built on the meta device (its init follows); RoPE tables are computed, not stored."""
+    """Storage for a part built on the meta device, with every layer's own init (the part's ``init_weights``
+    follows): ``to_empty`` leaves garbage, and ``init_weights`` does not set norms (LayerNorm gains would stay
+    ~1e34). RoPE tables are computed, not stored."""
     module.to_empty(device=device)
     for m in module.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset_parameters(device)
+        elif callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
 
 
 def build_neva_model(
@@ -186,7 +193,8 @@ def build_neva_model(
 
 
 # -- stage-1 projector weights -----------------------------------------------------------------------------------------
-def _adapter_file(path: Path) -> Path:
+def adapter_file(path: Path) -> Path:
+    """The weights file a ``pretrain_mm_mlp_adapter`` value names (see :func:`load_adapter`)."""
     if path.is_file():
         return path
     if not path.is_dir():
@@ -196,7 +204,7 @@ def _adapter_file(path: Path) -> Path:
             return candidate
     latest = path / LATEST_FILE
     if latest.is_file():  # a trainer's checkpoints directory: its newest checkpoint
-        return _adapter_file(path / latest.read_text().strip())
+        return adapter_file(path / latest.read_text().strip())
     raise FileNotFoundError(
         f"model.mm_cfg.pretrain_mm_mlp_adapter={path}: holds no {WEIGHTS_FILE}, {LLAVA_ADAPTER_FILE} or "
         f"{LATEST_FILE} pointer"
@@ -227,7 +235,7 @@ def load_adapter(model: NevaModel, path: str | Path) -> Path:
     Raises:
         ValueError: the file holds no projector, or one that does not fit (the message names the file).
     """
-    file = _adapter_file(Path(path))
+    file = adapter_file(Path(path))
     state = adapter_state(read_weights_file(file))
     expected = sorted(k for k, _ in model.named_parameters() if k.startswith("projector."))
     missing = [k for k in expected if k not in state]
@@ -238,3 +246,48 @@ def load_adapter(model: NevaModel, path: str | Path) -> Path:
         )
     load_trainable_state_dict(model, state, str(file))
     return file
+
+
+# -- saved models that hold part of the weights ------------------------------------------------------------------------
+def neva_from_weights(
+    cfg: ModelConfig | dict, state: dict[str, torch.Tensor], *, device: torch.device | str = "cpu", where: str = ""
+) -> NevaModel:
+    """The NeVA of a saved config with the weights ``state``, whole or partial (a trainer checkpoint that left out
+    the frozen parts its config loads from ``from_pretrained``, as stage 1 does).
+
+    A part (``vision_tower``, ``llm``, the projector) found in ``state`` comes from it; a part it lacks comes from the
+    config's ``from_pretrained`` (the projector: ``pretrain_mm_mlp_adapter``). Nothing is left at random init.
+
+    Raises:
+        ModelFormatError: ``state`` holds tensors the model does not have, or of the wrong shape, or lacks a part the
+            config cannot rebuild either (the message names ``where`` and the tensors).
+    """
+    cfg = resolve_model_config(cfg)
+    mm = cfg.mm_cfg or MMConfig()
+
+    def holds(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in state)
+
+    llm = replace(mm.llm, from_pretrained=None) if holds("llm.") else mm.llm
+    enc = replace(mm.vision_encoder, from_pretrained=None) if holds("vision_tower.") else mm.vision_encoder
+    adapter = None if holds("projector.") else mm.pretrain_mm_mlp_adapter
+    cfg = replace(cfg, mm_cfg=replace(mm, llm=llm, vision_encoder=enc, pretrain_mm_mlp_adapter=adapter))
+    model, _ = build_neva_model(cfg, device=device)
+    elsewhere = tuple(
+        prefix
+        for prefix, source in (("vision_tower.", enc.from_pretrained), ("llm.", llm.from_pretrained),
+                               ("projector.", adapter))  # fmt: skip
+        if source
+    )
+    expected = model.state_dict()
+    unknown = sorted(k for k in state if k not in expected)
+    wrong = [f"{k}: {tuple(t.shape)} (model: {tuple(expected[k].shape)})" for k, t in state.items()
+             if k in expected and tuple(t.shape) != tuple(expected[k].shape)]  # fmt: skip
+    missing = sorted(k for k in expected if k not in state and not k.startswith(elsewhere))
+    problems = [f"unknown tensors {unknown[:6]}"] if unknown else []
+    problems += [f"shapes {', '.join(wrong[:6])}"] if wrong else []
+    problems += [f"missing {missing[:6]} (and no from_pretrained names them)"] if missing else []
+    if problems:
+        raise ModelFormatError(f"{where or 'weights'}: do not fit the NeVA config: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+    return model
