@@ -49,6 +49,11 @@ class Task:
     def loss_from_features(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def start_step(self, batches: list[Batch]) -> None:
+        """Called on every rank with the step's micro-batches (on the device) before the first forward. A loss
+        normalised over the whole step (NeVA: supervised tokens over all micro-batches and data-parallel ranks)
+        takes its totals here. Default: nothing."""
+
     def evaluate(self, model: nn.Module, step: int, out_dir: Any) -> dict[str, float]:
         """Held-out metrics during training, called on every rank (evaluation is sharded). Default: none."""
         return {}
@@ -60,7 +65,12 @@ class Task:
         """model.train(), except what must stay in eval mode (frozen towers)."""
         model.train()
 
-    # -- resuming -------------------------------------------------------------------------------------------------
+    # -- checkpoints and resuming ---------------------------------------------------------------------------------
+    def checkpoint_keys(self, model: nn.Module) -> set[str] | None:
+        """The model state entries checkpoints hold (clean names, as in ``model.state_dict()``); None: all. What is
+        left out must come back from :meth:`build_model` (NeVA: frozen towers loaded from pretrained checkpoints)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """What the task itself must carry across a resume (a weight average, ...), stored in the trainer's
         checkpoints; tensors allowed. Called on every rank when a checkpoint is written. Default: nothing."""
@@ -72,6 +82,10 @@ class Task:
     # -- accounting -----------------------------------------------------------------------------------------------
     def batch_size(self, batch: Batch) -> int:
         return len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+
+    def batch_tokens(self, batch: Batch) -> int | None:
+        """Tokens this (host) batch trains on, for tokens/s; None for tasks that do not count tokens."""
+        return None
 
     def train_flops(self, batch: Batch) -> int | None:
         """Forward + backward FLOPs of this batch (for MFU), traced on the meta device; None if unknown."""

@@ -9,6 +9,9 @@ Layout of a checkpoint directory ``DIR/step_{step:08d}/``:
 - sharded (FSDP2 / tensor parallel): ``torch.distributed.checkpoint`` files (``.metadata`` + ``__*.distcp``) holding
   the model and optimizer tensors, ``rng_rank{r:05d}.json`` written by each rank, and ``train_state.json``.
 
+A run may save part of its model (``model_keys``: NeVA's stage 1 writes the projector, not the frozen pretrained
+towers its config names); ``train_state.json`` then says ``"partial_model": true`` and loading needs the same keys.
+
 ``train_state.json`` is the marker and table of contents: format, step, the sizes of every other file (a checkpoint
 is complete only when all are present at their size), the optimizer's non-tensor state and param-group
 hyper-parameters, the scheduler's state and the caller's ``state``. Tensors found inside those (rare: an ``lr``
@@ -41,6 +44,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +248,11 @@ def _index_to_fqn(osd: dict, names: list[str | None], path: Path) -> dict:
     state = {names[i]: s for i, s in osd["state"].items()}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def _select(state: dict[str, Any], keys: set[str] | None) -> dict[str, Any]:
+    """The entries of ``state`` named in ``keys`` (all of them for None)."""
+    return dict(state) if keys is None else {k: v for k, v in state.items() if k in keys}
 
 
 def _check_model_fits(path: Path, saved: dict[str, tuple], current: dict[str, tuple]) -> None:
@@ -487,6 +496,7 @@ class CheckpointManager:
         scheduler: Any = None,
         state: dict | None = None,
         sharded: bool | None = None,
+        model_keys: Collection[str] | None = None,
     ) -> Path:
         """Write ``DIR/step_{step:08d}/`` atomically, then point ``DIR/latest`` at it, then prune.
 
@@ -502,6 +512,9 @@ class CheckpointManager:
             sharded: True writes DCP shards from every rank; False writes the single-process format from rank 0
                 (gathering DTensor parameters first); None chooses sharded exactly when distributed with
                 DTensor parameters (FSDP2 / TP), so DDP models take the single format.
+            model_keys: the model state entries to write (clean names, as ``model.safetensors`` holds them); None:
+                all. A partial checkpoint (NeVA's stage 1 keeps its projector, not the frozen pretrained towers the
+                config names) is marked so; :meth:`load` then needs the same ``model_keys``.
 
         Returns:
             The checkpoint directory.
@@ -525,17 +538,19 @@ class CheckpointManager:
             "torch_version": torch.__version__,
             "scheduler": _encode(scheduler.state_dict(), ["scheduler"], extra) if scheduler is not None else None,
             "state": _encode(dict(state or {}), ["state"], extra),
+            "partial_model": model_keys is not None,
         }
         json.dumps(info)
+        keys = None if model_keys is None else set(model_keys)
         rng = capture_rng_state()
 
         if sharded:
-            self._save_sharded(target, target_model, optimizer, info, extra, rng)
+            self._save_sharded(target, target_model, optimizer, info, extra, rng, keys)
         else:
-            self._save_single(target, target_model, optimizer, info, extra, rng, distributed, has_dtensor)
+            self._save_single(target, target_model, optimizer, info, extra, rng, distributed, has_dtensor, keys)
         return target
 
-    def _save_single(self, target, model, optimizer, info, extra, rng, distributed, has_dtensor) -> None:
+    def _save_single(self, target, model, optimizer, info, extra, rng, distributed, has_dtensor, keys) -> None:
         rngs = self._gather_json(rng) if distributed else [rng]
         if distributed and has_dtensor:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
@@ -552,6 +567,7 @@ class CheckpointManager:
             msd = clean_state_dict(model)
             osd = optimizer.state_dict() if optimizer is not None else None
             names = _param_names(model, optimizer) if optimizer is not None else None
+        msd = _select(msd, keys)
 
         error = None
         if self.rank == 0:
@@ -580,7 +596,7 @@ class CheckpointManager:
                 error = e
         self._collective(error is None, error, f"saving {target}")
 
-    def _save_sharded(self, target, model, optimizer, info, extra, rng) -> None:
+    def _save_sharded(self, target, model, optimizer, info, extra, rng, keys) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
@@ -591,7 +607,7 @@ class CheckpointManager:
         else:
             msd = get_model_state_dict(model)
             optim_skeleton = _encode(optimizer.state_dict(), ["optimizer"], extra) if optimizer is not None else None
-        for k, v in msd.items():
+        for k, v in _select(msd, keys).items():
             if not isinstance(v, torch.Tensor):
                 raise CheckpointError(f"model state {k!r} is a {type(v).__name__}; only tensors can be sharded")
             flat[f"model.{k}"] = v
@@ -683,6 +699,7 @@ class CheckpointManager:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
+        model_keys: Collection[str] | None = None,
     ) -> dict:
         """Restore model, optimizer, scheduler and this rank's RNG states from a checkpoint.
 
@@ -696,6 +713,8 @@ class CheckpointManager:
             model: the model to load into.
             optimizer: its optimizer (required to hold the same parameters in the same order), or None to skip.
             scheduler: the scheduler to restore, or None to skip.
+            model_keys: restore only these model state entries (the rest stays as the model was built); required
+                for a partial checkpoint (see :meth:`save`), which must then hold exactly these.
 
         Returns:
             The ``state`` dict given to :meth:`save`.
@@ -713,6 +732,12 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: holds no optimizer state")
         if scheduler is not None and info.get("scheduler") is None:
             raise CheckpointError(f"{path}: holds no scheduler state")
+        if info.get("partial_model") and model_keys is None:
+            raise CheckpointError(
+                f"{path}: holds part of the model only (the rest comes from the pretrained parts its config names); "
+                "resume it with the same run config, or load it as a model with vlkit.load_model"
+            )
+        keys = None if model_keys is None else set(model_keys)
         extra = _read_tensors(path / EXTRA_FILE) if EXTRA_FILE in info["files"] else {}
         if optimizer is not None:
             _check_optimizer_fits(path, info.get("param_names"), _param_names(target_model, optimizer))
@@ -721,9 +746,9 @@ class CheckpointManager:
             # Saved before the first step: plain load_state_dict, never DCP's helpers (see _has_state).
             stateless, optimizer = optimizer, None
         if info["kind"] == "sharded":
-            self._load_sharded(path, info, target_model, optimizer)
+            self._load_sharded(path, info, target_model, optimizer, keys)
         else:
-            self._load_single(path, info, target_model, optimizer)
+            self._load_single(path, info, target_model, optimizer, keys)
         if stateless is not None:
             tensors = _read_tensors(path / OPTIM_FILE) if OPTIM_FILE in info["files"] else {}
             stateless.load_state_dict(_decode(info["optimizer"], {**extra, **tensors}))
@@ -736,10 +761,10 @@ class CheckpointManager:
             warnings.warn(f"{path}: no RNG state for rank {self.rank}; random streams will differ", stacklevel=2)
         return _decode(info["state"], extra)
 
-    def _load_single(self, path: Path, info: dict, model: nn.Module, optimizer) -> None:
-        weights = _read_tensors(path / MODEL_FILE)
+    def _load_single(self, path: Path, info: dict, model: nn.Module, optimizer, keys: set[str] | None) -> None:
+        weights = _select(_read_tensors(path / MODEL_FILE), keys)
         current = model.state_dict()
-        clean_to_actual = {k.replace("_orig_mod.", ""): k for k in current}
+        clean_to_actual = _select({k.replace("_orig_mod.", ""): k for k in current}, keys)
         _check_model_fits(
             path, {k: v.shape for k, v in weights.items()}, {c: current[a].shape for c, a in clean_to_actual.items()}
         )
@@ -753,18 +778,19 @@ class CheckpointManager:
                 set_optimizer_state_dict,
             )
 
-            full = StateDictOptions(full_state_dict=True)
+            full = StateDictOptions(full_state_dict=True, strict=keys is None)
             set_model_state_dict(model, weights, options=full)
             if osd is not None:
                 set_optimizer_state_dict(model, optimizer, _index_to_fqn(osd, info["param_names"], path), options=full)
             return
-        model.load_state_dict({clean_to_actual[k]: v for k, v in weights.items()})
+        model.load_state_dict({clean_to_actual[k]: v for k, v in weights.items()}, strict=keys is None)
         if osd is not None:
             optimizer.load_state_dict(osd)
 
-    def _load_sharded(self, path: Path, info: dict, model: nn.Module, optimizer) -> None:
+    def _load_sharded(self, path: Path, info: dict, model: nn.Module, optimizer, keys: set[str] | None) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_state_dict,
             set_model_state_dict,
@@ -777,7 +803,8 @@ class CheckpointManager:
             msd, osd = get_state_dict(model, optimizer)
         else:
             msd, osd = get_model_state_dict(model), None
-        saved_model = {k[len("model.") :]: md.size for k, md in saved.items() if k.startswith("model.")}
+        msd = _select(msd, keys)
+        saved_model = _select({k[len("model.") :]: md.size for k, md in saved.items() if k.startswith("model.")}, keys)
         _check_model_fits(path, saved_model, {k: v.shape for k, v in msd.items()})
         flat = {f"model.{k}": v for k, v in msd.items()}
         if osd is not None:
@@ -788,7 +815,9 @@ class CheckpointManager:
         with _single_process_dcp_ok():
             # DCP copies into `flat`'s tensors in place: the (sharded) parameters and optimizer state themselves.
             dcp.load(flat, storage_reader=reader, planner=_tensor_only_planner())
+        options = StateDictOptions(strict=keys is None)
         if osd is None:
-            set_model_state_dict(model, msd)
+            set_model_state_dict(model, msd, options=options)
             return
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=_decode(info["optimizer"], flat))
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=_decode(info["optimizer"], flat),
+                       options=options)  # fmt: skip

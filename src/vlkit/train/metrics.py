@@ -29,7 +29,8 @@ def device_peak_flops(device: torch.device, override_tflops: float | None = None
 
 
 class Throughput:
-    """Samples/s, data-wait fraction and MFU over the current log interval."""
+    """Samples/s (and tokens/s for tasks that count tokens), data-wait fraction and MFU over the current log
+    interval."""
 
     def __init__(self, peak_flops: float | None, world_size: int) -> None:
         self.peak_flops, self.world_size = peak_flops, world_size
@@ -38,13 +39,16 @@ class Throughput:
     def reset(self) -> None:
         self.t0 = time.perf_counter()
         self.samples = 0
+        self.tokens: int | None = 0
         self.flops: int | None = 0
         self.data_wait = 0.0
         self.steps = 0
 
-    def update(self, samples: int, data_wait: float, flops: int | None) -> None:
-        """``flops``: forward + backward FLOPs this rank did in the step (None when the task cannot count them)."""
+    def update(self, samples: int, data_wait: float, flops: int | None, tokens: int | None = None) -> None:
+        """``flops``: forward + backward FLOPs this rank did in the step (None when the task cannot count them);
+        ``tokens``: tokens it trained on (None: the task counts none)."""
         self.samples += samples
+        self.tokens = None if tokens is None or self.tokens is None else self.tokens + tokens
         self.flops = None if flops is None or self.flops is None else self.flops + flops
         self.data_wait += data_wait
         self.steps += 1
@@ -56,6 +60,8 @@ class Throughput:
             "data_wait_frac": self.data_wait / elapsed,
             "step_time_s": elapsed / max(self.steps, 1),
         }
+        if self.tokens:
+            out["tokens_per_s"] = self.tokens * self.world_size / elapsed  # as samples: this rank's count x ranks
         if self.flops:
             out["tflops_per_device"] = self.flops / elapsed / 1e12
             if self.peak_flops:
@@ -109,6 +115,8 @@ def format_line(step: int, total: int, m: dict[str, Any]) -> str:
     if "grad_norm" in m:
         parts.append(f"|g| {m['grad_norm']:.3g}")
     parts.append(f"{m['samples_per_s']:.1f} samples/s")
+    if "tokens_per_s" in m:
+        parts.append(f"{m['tokens_per_s']:.0f} tokens/s")
     if "mfu" in m:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
     if "peak_mem_gb" in m:

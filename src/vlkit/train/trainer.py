@@ -123,14 +123,16 @@ class Trainer:
         return state
 
     def save(self) -> Path:
-        return self.ckpt.save(self.step, self._inner_model(), self.optimizer, self.scheduler, state=self._state())
+        keys = self.task.checkpoint_keys(self._inner_model())
+        return self.ckpt.save(self.step, self._inner_model(), self.optimizer, self.scheduler, state=self._state(),
+                              model_keys=keys)  # fmt: skip
 
     def resume(self, path: str | None) -> bool:
         """Load ``path`` ("latest"/"auto" for the newest); False when there is nothing to resume from."""
         if path in ("latest", "auto") and self.ckpt.latest() is None:
             return False
         state = self.ckpt.load(None if path in ("latest", "auto") else path, self._inner_model(), self.optimizer,
-                               self.scheduler)  # fmt: skip
+                               self.scheduler, model_keys=self.task.checkpoint_keys(self._inner_model()))  # fmt: skip
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         if "data" in state and hasattr(self.loader, "load_state_dict"):
@@ -154,15 +156,18 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.plan.autocast_dtype)
 
-    def _micro_batches(self, batches_iter) -> tuple[list[Batch], float, int | None]:
-        """The step's micro-batches on the device, the time spent waiting for them, and their FLOPs.
+    def _micro_batches(self, batches_iter) -> tuple[list[Batch], float, int | None, int | None]:
+        """The step's micro-batches on the device, the time spent waiting for them, their FLOPs and tokens.
 
-        FLOPs are counted from the host copies, before the transfer, so counting never syncs with the device."""
+        FLOPs and tokens are counted from the host copies, before the transfer, so counting never syncs with the
+        device."""
         t0 = time.perf_counter()
         host = [next(batches_iter) for _ in range(self.accum)]
         wait = time.perf_counter() - t0
         flops = [self.task.train_flops(b) for b in host]
-        return [to_device(b, self.device) for b in host], wait, None if None in flops else sum(flops)
+        tokens = [self.task.batch_tokens(b) for b in host]
+        return ([to_device(b, self.device) for b in host], wait, None if None in flops else sum(flops),
+                None if None in tokens else sum(tokens))  # fmt: skip
 
     def _accumulate(self, batches: list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
         total, metrics = torch.zeros((), device=self.device), {}
@@ -228,6 +233,7 @@ class Trainer:
 
     def train_step(self, batches: list[Batch]) -> dict[str, float]:
         self.task.set_train_mode(self.model)
+        self.task.start_step(batches)
         if self.cfg.trainer.gradient_cache and len(batches) > 1:  # one micro-batch: the cache would only cost
             loss, metrics = self._gradient_cache(batches)
         else:
@@ -289,10 +295,10 @@ class Trainer:
         batches_iter = self._batches()
         try:
             while self.step < tcfg.max_steps:
-                batches, wait, flops = self._micro_batches(batches_iter)
+                batches, wait, flops, tokens = self._micro_batches(batches_iter)
                 metrics = self.train_step(batches)
                 self.step += 1
-                meter.update(sum(self.task.batch_size(b) for b in batches), wait, flops)
+                meter.update(sum(self.task.batch_size(b) for b in batches), wait, flops, tokens)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
