@@ -29,6 +29,10 @@ MOVED_KEYS: dict[str, str] = {
     "model.optim": "optim",
     "optim.sched": "schedule",
     "trainer.log_every_n_steps": "trainer.logging.log_every_n_steps",
+    # NeMo's NeVA configs keep the data block under the model (model.data.data_path: the LLaVA JSON).
+    "model.data.data_path": "data.train_path",
+    "model.data": "data",
+    "data.data_path": "data.train_path",
 }
 
 # Keys accepted for compatibility whose only valid value is the one vlkit implements.
@@ -36,6 +40,9 @@ FIXED_KEYS: dict[str, Any] = {
     "model.pipeline_model_parallel_size": 1,
     "model.virtual_pipeline_model_parallel_size": None,
     "model.mcore_gpt": None,  # NeMo implementation switch; the architecture is the same either way
+    # NeMo's placeholder count per image; vlkit derives it from the vision tower (image_token_count).
+    "model.data.image_token_len": None,
+    "data.image_token_len": None,
 }
 
 # Which tower receives NeMo's flat ``model.<field>`` keys, per architecture.

@@ -121,6 +121,8 @@ class LLMConfig(TransformerConfig):
     bos_token_id: Optional[int] = 1
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     pad_token_id: Optional[int] = None
+    # Its tokenizer: a tokenizer.json or a directory holding one. None: mm_cfg.llm.from_pretrained's directory (NeVA).
+    tokenizer: Optional[str] = None
 
 
 @dataclass
@@ -189,7 +191,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # synthetic_shapes | webdataset | csv | imagefolder | llava
+    # synthetic_shapes | synthetic_shapes_vqa | webdataset | csv | imagefolder | llava
     kind: str = "synthetic_shapes"
     train_path: Optional[str] = None
     val_path: Optional[str] = None
@@ -215,6 +217,7 @@ class DataConfig:
     is_multimodal: bool = True  # False: images dropped, <image> placeholders removed
     lazy_preprocess: bool = True  # tokenise when read (False: all up front, problems counted before training)
     sep_image_conv_front: bool = False  # move <image> to the front of the first human turn
+    system_prompt: Optional[str] = None  # None: the template's default; "" for none. A sample's own "system" wins
 
 
 @dataclass

@@ -14,7 +14,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_PARALLEL = ("auto", "none", "ddp", "fsdp")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
-DATA_KINDS = ("synthetic_shapes", "webdataset", "csv", "imagefolder", "llava")
+DATA_KINDS = ("synthetic_shapes", "synthetic_shapes_vqa", "webdataset", "csv", "imagefolder", "llava")
 CONV_TEMPLATES = ("plain", "vicuna_v1", "llama_2", "nvgpt", "llama_3")  # = vlkit.data.conversation.TEMPLATES
 IMAGE_ASPECT_RATIOS = ("square", "pad", "keep")
 # NeVA: mm_cfg.llm.model_type picks the conversation template (the data module's names, less stage 1's "plain").
