@@ -8,6 +8,7 @@ import re
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vlkit.config.schema import OptimConfig, ScheduleConfig
 
@@ -88,9 +89,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 def _use_fused(cfg: OptimConfig, model: nn.Module) -> bool:
     if cfg.fused is not None:
         return cfg.fused
-    p = next(model.parameters(), None)
-    # Fused kernels exist for CUDA tensors; DTensor parameters (FSDP2/TP) are supported by the foreach path too.
-    return p is not None and p.device.type == "cuda"
+    params = list(model.parameters())
+    if not params:
+        return False
+    if params[0].device.type == "cuda":
+        return True
+    # On the CPU the fused kernel is 4-8x faster than foreach (a tiny CLIP's step spent a quarter of its time in
+    # AdamW), but only for plain tensors: sharded (DTensor) parameters keep the foreach path there.
+    return params[0].device.type == "cpu" and not any(isinstance(p, DTensor) for p in params)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
