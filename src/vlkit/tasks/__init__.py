@@ -14,6 +14,10 @@ def task_for(arch: str) -> type[Task]:
         from vlkit.tasks.classify import ClassifyTask
 
         return ClassifyTask
+    if arch == "neva":
+        from vlkit.tasks.neva import NevaTask
+
+        return NevaTask
     raise NotImplementedError(f"training model.arch={arch!r} is not available yet")
 
 
