@@ -1,4 +1,4 @@
-"""``vlkit eval zeroshot | retrieval | classify --model PATH --data ... [--json]``.
+"""``vlkit eval zeroshot | retrieval | classify | vqa --model PATH --data ... [--json]``.
 
 Exit codes: 0 success, 2 bad usage (a missing path, the wrong kind of model, data that does not suit the task; the
 message names it), 1 anything else. Under ``torchrun`` every process runs the same command and evaluates its part
@@ -19,6 +19,7 @@ COMMANDS = {
     "zeroshot": "zero-shot classification: top-1, top-5, mean per-class recall from prompt templates",
     "retrieval": "image<->text retrieval: recall@1/5/10, mean and median rank (several captions per image)",
     "classify": "classifier accuracy: top-1, top-5, mean per-class recall of a ViT classifier",
+    "vqa": "visual question answering with a NeVA model: exact match and VQA accuracy of greedy answers",
 }
 _EPILOGS = {
     "zeroshot": "examples:\n  vlkit eval zeroshot --model runs/clip-tiny-shapes --data data/shapes\n"
@@ -27,6 +28,9 @@ _EPILOGS = {
     "  vlkit eval retrieval --model models/clip-b32 --data 'coco/test-{0000..0004}.tar' --caption-key json",
     "classify": "examples:\n  vlkit eval classify --model runs/vit-tiny/checkpoints/step_00001000 \\\n"
     "      --data data/shapes-cls --json",
+    "vqa": "examples:\n  vlkit eval vqa --model runs/neva-tiny-finetune --data data/shapes-vqa/instruct_val.json\n"
+    "  vlkit eval vqa --model runs/neva-tiny-finetune --data data/shapes-vqa/instruct_val.json \\\n"
+    "      --match 'colou?r' --json",
 }
 
 
@@ -34,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` and its sub-commands to the ``vlkit`` parser (imports nothing heavy)."""
     p = sub.add_parser(
         "eval",
-        help="evaluate: zeroshot | retrieval | classify",
+        help="evaluate: zeroshot | retrieval | classify | vqa",
         description="Evaluate a model: zero-shot classification, image-text retrieval or classifier accuracy. "
         "Results print as text, or with --json as CLIP_benchmark's JSON (dataset, model, task, metrics).",
     )
@@ -47,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             epilog=_EPILOGS[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if name == "vqa":  # its own options and runner (a generative model, question files)
+            from vlkit.eval import vqa_cli
+
+            vqa_cli.add_arguments(cp)
+            cp.set_defaults(func=vqa_cli.run, eval_task=name)
+            continue
         _add_common(cp, name)
         cp.set_defaults(func=run, eval_task=name)
 
