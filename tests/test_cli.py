@@ -49,9 +49,9 @@ def test_info_invalid_combination_exits_2(capsys):
     assert "model.vision.img_h=230" in capsys.readouterr().err
 
 
-def test_unbuilt_commands_exit_2(capsys):
-    assert main(["chat", "--model", "x"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_chat_without_a_model_exits_2(capsys):
+    assert main(["chat", "--model", "no-such-model", "--image", "no-such.png"]) == 2
+    assert "no-such.png: no such file" in capsys.readouterr().err
 
 
 def test_bad_usage_exits_2():

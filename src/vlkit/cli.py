@@ -17,9 +17,7 @@ from vlkit.config import ConfigError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # Commands whose capability has not landed yet: name -> (one-line help, the issue that delivers it).
-PLANNED = {
-    "chat": ("chat with a NeVA model about an image", "the NeVA issue"),
-}
+PLANNED: dict[str, tuple[str, str]] = {}
 
 
 def _not_available(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
@@ -113,7 +111,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
-    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.predict", "vlkit.interop.cli"))
+    _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.predict", "vlkit.interop.cli", "vlkit.chat"))
     for name in PLANNED:
         _add_planned(sub, name)
     data_issue, loss_issue = "the Data pipeline issue", "the Contrastive loss engine issue"
