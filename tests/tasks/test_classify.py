@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlkit.cli import main
 from vlkit.config import ConfigError, load_config
 from vlkit.config.schema import OptimConfig
 from vlkit.data.shapes import write_shapes_dataset
@@ -169,9 +170,12 @@ def test_same_resolution_start_is_an_exact_copy(tmp_path):
     assert not model.head.weight.any() and any("initialised to zero" in n for n in notes)
 
 
-def test_init_from_a_missing_path_names_it(tmp_path):
-    with pytest.raises(ValueError, match="model.init_from=.*nowhere"):
-        init_from_checkpoint(load_config("vit-tiny", [f"model.init_from={tmp_path / 'nowhere'}"]))
+def test_init_from_a_missing_path_is_a_config_error(tmp_path):
+    task = ClassifyTask(load_config("vit-tiny", [f"model.init_from={tmp_path / 'nowhere'}"]), DistInfo())
+    with pytest.raises(ConfigError, match="model.init_from=.*nowhere"):
+        task.build_model()
+    args = ["train", "vit-tiny", f"model.init_from={tmp_path / 'nowhere'}", f"trainer.output_dir={tmp_path}"]
+    assert main(args) == 2  # vlkit train: exit 2 with the message, no traceback
 
 
 # -------------------------------------------------------------------------------------------------------------- EMA
@@ -291,6 +295,37 @@ def test_imagefolder_loader_splits_ranks_and_resumes(shapes):
         other.load_state_dict(state)
 
 
+# ----------------------------------------------------------------------------------------------------- augmentation
+
+
+def test_classification_train_transform():
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from vlkit.data.transforms import auto_augment_transform, get_transform
+
+    img = Image.new("RGB", (32, 32), "white")
+    img.paste((255, 0, 0), (0, 0, 8, 32))  # a red band on the left
+    plain = get_transform("vit-tiny", train=False)(img)
+    # No random crop: the eval geometry; a certain flip mirrors it.
+    flipped = get_transform("vit-tiny", train=True, scale=None, hflip=1.0)(img)
+    assert torch.equal(flipped, plain.flip(-1))
+    assert torch.equal(get_transform("vit-tiny", train=True, scale=None)(img), plain)
+    # Random erasing after normalisation: some pixels are noise, the rest as they were.
+    torch.manual_seed(0)
+    erased = get_transform("vit-tiny", train=True, scale=None, random_erasing=1.0)(img)
+    changed = (erased != plain).any(dim=0).float().mean().item()
+    assert 0.0 < changed <= 1 / 3 + 0.05
+    ra = auto_augment_transform("rand-m7-n3")
+    assert isinstance(ra, v2.RandAugment) and (ra.num_ops, ra.magnitude) == (3, 7)
+    assert isinstance(auto_augment_transform("auto-cifar10"), v2.AutoAugment)
+    assert isinstance(auto_augment_transform("trivial"), v2.TrivialAugmentWide)
+    with pytest.raises(ValueError, match="m<magnitude> or n<ops>"):
+        auto_augment_transform("rand-q2")
+    with pytest.raises(ValueError, match="not a known policy"):
+        auto_augment_transform("auto-mnist")
+
+
 # ----------------------------------------------------------------------------------------------------- bad config
 
 
@@ -298,7 +333,7 @@ def test_bad_config_and_data_are_named(shapes, tmp_path):
     with pytest.raises(ConfigError, match=r"data.mixup_prob=2.0 must be in \[0, 1\](.|\n)*data.auto_augment='rand-x3'"):
         ClassifyTask(classify_cfg(shapes, tmp_path, "data.auto_augment=rand-x3", "data.mixup_prob=2"), DistInfo())
     task = ClassifyTask(classify_cfg(shapes / "train", tmp_path, "model.num_classes=10"), DistInfo())
-    with pytest.raises(ValueError, match="25 classes, but model.num_classes=10"):
+    with pytest.raises(ConfigError, match="25 classes, but model.num_classes=10"):
         task.build_train_loader(8)
     with pytest.raises(ValueError, match="sample 'x/7.png': label 30 is outside model.num_classes=10"):
         task.loss(create_model(task.cfg), {"image": torch.zeros(2, 3, 32, 32), "label": torch.tensor([1, 30]),

@@ -202,7 +202,8 @@ class DataConfig:
     image_key: str = "jpg;jpeg;png;webp"
     text_key: str = "txt"
     # Classification augmentation (the classify task; timm's names). CLIP keeps its own crop (scale 0.9-1.0).
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    # RandomResizedCrop's area range; None: no random crop (the eval resize + centre crop)
+    crop_scale: Optional[list[float]] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.0  # horizontal flip probability
     auto_augment: Optional[str] = None  # rand | rand-m9-n2 | auto | auto-imagenet | auto-cifar10 | auto-svhn | trivial
     reprob: float = 0.0  # random erasing probability (per-pixel noise, after normalisation)

@@ -186,7 +186,7 @@ def get_transform(
     crop_style: str | None = None,
     interpolation: str | None = None,
     exif_transpose: bool = False,
-    scale: tuple[float, float] = TRAIN_SCALE,
+    scale: tuple[float, float] | None = TRAIN_SCALE,
     hflip: float = 0.0,
     auto_augment: str | None = None,
     random_erasing: float = 0.0,
@@ -202,7 +202,8 @@ def get_transform(
         crop_style: ``openai`` or ``hf`` (see the module docstring); None: the config's, else ``openai``.
         interpolation: ``bicubic`` or ``bilinear``; None: the config's, else ``bicubic``.
         exif_transpose: apply the EXIF orientation first (off: OpenAI and open_clip do not).
-        scale: RandomResizedCrop's range of the crop's share of the image area (train only).
+        scale: RandomResizedCrop's range of the crop's share of the image area (train only); None: no random crop,
+            the eval resize + centre crop (the other train augmentations still apply).
         hflip: probability of a horizontal flip (train only).
         auto_augment: a torchvision policy name for :func:`auto_augment_transform` (train only).
         random_erasing: probability of erasing a random box with per-pixel normal noise after normalisation
@@ -230,15 +231,16 @@ def get_transform(
     mean = getattr(cfg, "mean", None) or getattr(cfg, "image_mean", None) or OPENAI_CLIP_MEAN
     std = getattr(cfg, "std", None) or getattr(cfg, "image_std", None) or OPENAI_CLIP_STD
     steps: list[Callable] = [ToRGB(exif_transpose=exif_transpose)]
-    if train:
+    if train and scale is not None:
         steps.append(v2.RandomResizedCrop(size, scale=scale, interpolation=mode, antialias=True))
+    else:
+        steps.append(ResizeCenterCrop(size, crop_style=crop_style, interpolation=mode))
+    if train:
         if hflip > 0:
             steps.append(v2.RandomHorizontalFlip(hflip))
         if auto_augment:
             # Uncovered areas get the mean colour, which normalises to zero (timm does the same).
             steps.append(auto_augment_transform(auto_augment, fill=tuple(round(255 * m) for m in mean)))
-    else:
-        steps.append(ResizeCenterCrop(size, crop_style=crop_style, interpolation=mode))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if normalize:
         steps.append(v2.Normalize(mean=list(mean), std=list(std)))

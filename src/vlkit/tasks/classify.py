@@ -65,8 +65,8 @@ def config_problems(cfg: Config) -> list[str]:
         p.append(f"model.arch={m.arch!r}: the classify task trains vit_classifier models")
     if d.kind not in DATA_KINDS:
         p.append(f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)} (the classify task's data)")
-    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
-        p.append(f"data.crop_scale={list(d.crop_scale)} must be [min, max] with 0 < min <= max <= 1")
+    if d.crop_scale is not None and (len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1):
+        p.append(f"data.crop_scale={list(d.crop_scale)} must be [min, max] with 0 < min <= max <= 1 (or null)")
     for key, value in (
         ("data.hflip", d.hflip),
         ("data.reprob", d.reprob),
@@ -117,7 +117,10 @@ class ClassifyTask(Task):
     def build_model(self) -> nn.Module:
         if not self.cfg.model.init_from:
             return create_model(self.cfg)
-        model, self.cfg, notes = init_from_checkpoint(self.cfg)
+        try:
+            model, self.cfg, notes = init_from_checkpoint(self.cfg)
+        except ValueError as e:  # a wrong path or an unusable checkpoint is a config problem: exit 2, no traceback
+            raise ConfigError(str(e)) from e
         if self.dist.is_main:
             for note in notes:
                 print(f"init_from: {note}", flush=True)
@@ -149,7 +152,7 @@ class ClassifyTask(Task):
         transform = get_transform(
             self.cfg.model,
             train=True,
-            scale=tuple(data.crop_scale),
+            scale=tuple(data.crop_scale) if data.crop_scale is not None else None,
             hflip=data.hflip,
             auto_augment=data.auto_augment,
             random_erasing=data.reprob,
@@ -179,7 +182,7 @@ class ClassifyTask(Task):
         """Check the class count against the head, and save the names where ``vlkit predict`` looks for them."""
         n = self.cfg.model.num_classes
         if classes is not None and len(classes) != n:
-            raise ValueError(f"data.train_path={where}: {len(classes)} classes, but model.num_classes={n}")
+            raise ConfigError(f"data.train_path={where}: {len(classes)} classes, but model.num_classes={n}")
         self.classes = classes
         if classes is None or not self.dist.is_main:
             return
