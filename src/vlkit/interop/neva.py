@@ -275,8 +275,11 @@ def neva_from_weights(
     model, _ = build_neva_model(cfg, device=device)
     elsewhere = tuple(
         prefix
-        for prefix, source in (("vision_tower.", enc.from_pretrained), ("llm.", llm.from_pretrained),
-                               ("projector.", adapter))  # fmt: skip
+        for prefix, source in (
+            ("vision_tower.", enc.from_pretrained),
+            ("llm.", llm.from_pretrained),
+            ("projector.", adapter),
+        )  # fmt: skip
         if source
     )
     expected = model.state_dict()

@@ -157,6 +157,14 @@ class ClassifyTask(Task):
             auto_augment=data.auto_augment,
             random_erasing=data.reprob,
         )
+        try:
+            loader, classes = self._open_train_data(data, transform, micro_batch_size)
+        except (OSError, ValueError) as e:  # a missing folder, no shards, a bad classes.json: exit 2, no traceback
+            raise ConfigError(f"data.train_path={data.train_path}: {e}") from e
+        self._set_classes(classes, data.train_path)
+        return loader
+
+    def _open_train_data(self, data: Any, transform: Any, micro_batch_size: int) -> tuple[Any, list[str] | None]:
         seed = self.cfg.trainer.seed
         if data.kind == "imagefolder":
             from vlkit.data.imagefolder import ImageFolder
@@ -165,18 +173,15 @@ class ClassifyTask(Task):
             dataset = ImageFolder(path, transform=transform, classes=_classes_file_near(path))
             loader = ImageFolderLoader(dataset, micro_batch_size, num_workers=data.num_workers, seed=seed,
                                        rank=self.dist.rank, world_size=self.dist.world_size)  # fmt: skip
-            classes = list(dataset.classes)
-        else:
-            from vlkit.data.shards import loader_from_config
+            return loader, list(dataset.classes)
+        from vlkit.data.shards import loader_from_config
 
-            # Image-only samples: no caption member is required, the label comes from the "cls" member.
-            image_only = replace(data, text_key=None)
-            loader = loader_from_config(image_only, batch_size=micro_batch_size, image_transform=transform,
-                                        tokenizer=None, seed=seed, label_key="cls")  # fmt: skip
-            classes_file = _classes_file_for_shards(data.train_path)
-            classes = _read_classes(classes_file) if classes_file is not None else None
-        self._set_classes(classes, data.train_path)
-        return loader
+        # Image-only samples: no caption member is required, the label comes from the "cls" member.
+        image_only = replace(data, text_key=None)
+        loader = loader_from_config(image_only, batch_size=micro_batch_size, image_transform=transform,
+                                    tokenizer=None, seed=seed, label_key="cls")  # fmt: skip
+        classes_file = _classes_file_for_shards(data.train_path)
+        return loader, _read_classes(classes_file) if classes_file is not None else None
 
     def _set_classes(self, classes: list[str] | None, where: str) -> None:
         """Check the class count against the head, and save the names where ``vlkit predict`` looks for them."""

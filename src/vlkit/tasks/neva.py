@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,6 @@ from torch import nn
 
 from vlkit.models.neva import IGNORE_INDEX, IMAGE_TOKEN_INDEX, NevaModel
 from vlkit.tasks.base import Batch, Task
-
-log = logging.getLogger("vlkit.train")
 
 # Held-out questions answered at each evaluation during training (greedy, batched), and their answer length limit.
 EVAL_MAX_QUESTIONS = 1000
@@ -94,9 +91,9 @@ class NevaTask(Task):
                 f"the tokenizer at {self.tokenizer_path} has {vocab} tokens but model.llm.vocab_size is "
                 f"{llm.vocab_size}: ids past the embedding table cannot be trained on"
             )
-        if self.dist.is_main:
+        if self.dist.is_main:  # where each part came from: worth seeing before a long run starts
             for note in notes:
-                log.info("neva: %s", note)
+                print(f"neva: {note}", flush=True)
         return model
 
     def prepare_model(self, model: nn.Module) -> None:
