@@ -3,7 +3,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The demo needs the runtime dependencies only; the tests add transformers and open_clip (parity references).
 STAMP := $(VENV)/.vlkit-installed
+TEST_STAMP := $(VENV)/.vlkit-test-installed
 
 .PHONY: demo test lint format install clean
 
@@ -13,23 +15,27 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[test]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vlkit demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
 

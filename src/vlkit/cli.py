@@ -9,23 +9,12 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from vlkit import __version__
 from vlkit.config import ConfigError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-# Commands whose capability has not landed yet: name -> (one-line help, the issue that delivers it).
-PLANNED: dict[str, tuple[str, str]] = {}
-
-
-def _not_available(name: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"vlkit {name}: not available yet (delivered by {issue}).", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -55,19 +44,14 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 # Sub-commands that live in their own modules. Each module exposes ``register(subparsers)``, which adds its parser(s)
-# and sets ``func``; a module that has not landed yet is simply absent.
+# and sets ``func``.
 DATA_COMMANDS = ("vlkit.data.shapes", "vlkit.data.shapes_vqa", "vlkit.data.check", "vlkit.data.write")
 BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.train", "vlkit.bench.tokenizer", "vlkit.bench.data")
 
 
 def _register_modules(sub: argparse._SubParsersAction, modules: Sequence[str]) -> None:
     for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and name.startswith(e.name):
-                continue  # not built yet
-            raise
+        module = importlib.import_module(name)
         if hasattr(module, "register"):
             module.register(sub)
         else:  # a module with one command: add_arguments + run
@@ -81,10 +65,9 @@ def _add_group(
     name: str,
     help_text: str,
     modules: Sequence[str],
-    planned: dict[str, str],
     load: bool = True,
 ) -> None:
-    """A command with sub-commands; ``planned`` maps sub-commands that have not landed to the issue delivering them.
+    """A command with sub-commands, one module each.
 
     ``load=False`` lists the command without importing its modules (they pull in torch: seconds per ``--help``).
     """
@@ -93,10 +76,6 @@ def _add_group(
     if not load:
         return
     _register_modules(group, modules)
-    for child, issue in planned.items():
-        if child not in group.choices:
-            cp = group.add_parser(child, help="[not available yet]")
-            cp.set_defaults(func=_not_available(f"{name} {child}", issue), planned=True)
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -112,15 +91,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_info(sub)
     _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.predict", "vlkit.interop.cli", "vlkit.chat"))
-    for name in PLANNED:
-        _add_planned(sub, name)
-    data_issue, loss_issue = "the Data pipeline issue", "the Contrastive loss engine issue"
     _add_group(
         sub,
         "data",
         "dataset tools: the synthetic shapes dataset, checking shards, writing shards",
         DATA_COMMANDS,
-        {"shapes": data_issue, "check": data_issue, "from-folder": data_issue, "from-csv": data_issue},
         load=command in (None, "data"),
     )
     _add_group(
@@ -128,26 +103,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "bench",
         "benchmarks: our figure and the peers' side by side, in one run",
         BENCH_COMMANDS,
-        {"loss": loss_issue, "train": "the Trainer issue", "data": data_issue, "tokenizer": data_issue},
         load=command in (None, "bench"),
     )
     _register_modules(sub, ("vlkit.demo",))
     return parser
 
 
-def _add_planned(sub: argparse._SubParsersAction, name: str) -> None:
-    help_text, issue = PLANNED[name]
-    p = sub.add_parser(name, help=f"{help_text} [not available yet]", description=f"{help_text}. Not available yet.")
-    p.set_defaults(func=_not_available(name, issue), planned=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    # A command that has not landed accepts (and ignores) whatever options its future form will take.
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and not getattr(args, "planned", False):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or EXIT_OK)
     except ConfigError as e:

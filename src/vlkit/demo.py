@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_STEPS = 1400
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "OUT/metrics.json and PNG plots.",
     )
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's trainer.max_steps)")
     p.add_argument("--train-samples", type=int, default=20000, help="synthetic training images (default: 20000)")
     p.add_argument("--val-samples", type=int, default=1000, help="held-out images (default: 1000)")
     p.add_argument("--seed", type=int, default=0)
@@ -40,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for name, value in (("--steps", args.steps), ("--train-samples", args.train_samples),
                         ("--val-samples", args.val_samples)):  # fmt: skip
-        if value <= 0:
+        if value is not None and value <= 0:
             print(f"vlkit demo: error: {name} must be positive, got {value}", file=sys.stderr)
             return 2
     cfg = load_config(
@@ -49,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
             f"trainer.output_dir={out / 'run'}",
             f"data.train_path={out / 'data'}",
             f"data.dataset_size={args.train_samples}",
-            f"trainer.max_steps={args.steps}",
             f"trainer.seed={args.seed}",
             f"trainer.accelerator={args.device}",
             "trainer.checkpoint.every_n_steps=0",
             "trainer.checkpoint.keep_last=1",
+            *([f"trainer.max_steps={args.steps}"] if args.steps is not None else []),
             *args.overrides,
         ],
     )

@@ -198,6 +198,8 @@ def test_unknown_preset_suggests():
         (["model.vision.patch_dim=-16"], ["model.vision.patch_dim=-16"]),
         (["model.output_dim=0"], ["model.output_dim=0"]),
         (["model.vision.img_h=448"], ["model.vision.encoder_seq_length=196"]),
+        (["data.clip_crop_scale=[0.5,2.0]"], ["data.clip_crop_scale=[0.5, 2.0]"]),
+        (["data.crop_scale=[0.5]"], ["data.crop_scale=[0.5]"]),
     ],
 )
 def test_invalid_combinations_name_their_keys(tmp_path, overrides, keys):

@@ -272,3 +272,22 @@ def test_train_is_seeded_and_random():
     outputs = [train(img) for _ in range(5)]
     assert first.shape == (3, 96, 128)
     assert any(not torch.equal(first, o) for o in outputs)
+
+
+def test_random_resized_crop_params_cover_the_range_and_fall_back_to_the_centre():
+    from torchvision.transforms.v2 import InterpolationMode
+
+    from vlkit.data.transforms import RandomResizedCrop
+
+    crop = RandomResizedCrop((32, 32), (0.08, 1.0), InterpolationMode.BILINEAR)
+    torch.manual_seed(0)
+    shares, ratios = [], []
+    for _ in range(2000):
+        top, left, h, w = crop.params(120, 160)
+        assert 0 <= top <= 120 - h and 0 <= left <= 160 - w
+        shares.append(h * w / (120 * 160))
+        ratios.append(w / h)
+    assert 0.07 < min(shares) < 0.12 and max(shares) > 0.9
+    assert min(ratios) < 0.8 and max(ratios) > 1.25 and all(0.7 < r < 1.4 for r in ratios)
+    # A 10 x 1000 strip: no draw fits, so the centre crop with the widest allowed ratio (4/3).
+    assert crop.params(10, 1000) == (0, (1000 - 13) // 2, 10, 13)

@@ -201,7 +201,9 @@ class DataConfig:
     resampled: bool = False
     image_key: str = "jpg;jpeg;png;webp"
     text_key: str = "txt"
-    # Classification augmentation (the classify task; timm's names). CLIP keeps its own crop (scale 0.9-1.0).
+    # CLIP's RandomResizedCrop area range (open_clip's aug_cfg scale); None: no random crop (resize + centre crop)
+    clip_crop_scale: Optional[list[float]] = field(default_factory=lambda: [0.9, 1.0])
+    # Classification augmentation (the classify task; timm's names).
     # RandomResizedCrop's area range; None: no random crop (the eval resize + centre crop)
     crop_scale: Optional[list[float]] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.0  # horizontal flip probability

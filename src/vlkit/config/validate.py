@@ -245,6 +245,10 @@ def validate(cfg: Config) -> list[str]:
     _choice(p, "data.kind", cfg.data.kind, DATA_KINDS)
     if cfg.data.num_workers < 0:
         p.append(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    for key in ("clip_crop_scale", "crop_scale"):
+        scale = getattr(cfg.data, key)
+        if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
+            p.append(f"data.{key}={list(scale)} must be [min, max] with 0 < min <= max <= 1 (or null)")
     if cfg.data.conv_template is not None:
         _choice(p, "data.conv_template", cfg.data.conv_template, CONV_TEMPLATES)
     _choice(p, "data.image_aspect_ratio", cfg.data.image_aspect_ratio, IMAGE_ASPECT_RATIOS)

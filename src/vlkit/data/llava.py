@@ -20,6 +20,7 @@ it by :func:`image_token_count` positions. Text is cut so that the *spliced* seq
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,8 +32,9 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
+from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from vlkit.data.conversation import (
     GPT,
     HUMAN,
@@ -49,7 +51,7 @@ from vlkit.data.conversation import (
     turns_from_json,
 )
 from vlkit.data.images import REASONS, ImageDecodeError, read_image, to_rgb
-from vlkit.data.transforms import INTERPOLATIONS, ToRGB, get_transform
+from vlkit.data.transforms import INTERPOLATIONS, ImageTransform, ToRGB, get_transform
 
 logger = logging.getLogger("vlkit.data.llava")
 
@@ -238,8 +240,6 @@ def mean_color(vision: Any) -> tuple[int, int, int]:
     """The image processor's mean as an 8-bit RGB colour, truncated as LLaVA does (``int(m * 255)``)."""
     mean = getattr(vision, "mean", None) or getattr(vision, "image_mean", None)
     if mean is None:
-        from vlkit.config.schema import OPENAI_CLIP_MEAN
-
         mean = OPENAI_CLIP_MEAN
     return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
 
@@ -269,19 +269,12 @@ def image_transform(vision: Any, aspect: str = "square", *, normalize: bool = Tr
     steps: list[Callable] = [ToRGB()]
     if aspect == "pad":
         steps.append(PadToAspect(*size, mean_color(vision)))
-    steps += [
-        v2.Resize(size, interpolation=interpolation, antialias=True),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-    ]
-    if normalize:
-        mean = getattr(vision, "mean", None) or getattr(vision, "image_mean", None)
-        std = getattr(vision, "std", None) or getattr(vision, "image_std", None)
-        from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        steps.append(v2.Normalize(mean=list(mean or OPENAI_CLIP_MEAN), std=list(std or OPENAI_CLIP_STD)))
-    steps.append(v2.ToPureTensor())
-    return v2.Compose(steps)
+    steps.append(functools.partial(F.resize, size=list(size), interpolation=interpolation, antialias=True))
+    if not normalize:
+        return ImageTransform(steps, None, None)
+    mean = getattr(vision, "mean", None) or getattr(vision, "image_mean", None) or OPENAI_CLIP_MEAN
+    std = getattr(vision, "std", None) or getattr(vision, "image_std", None) or OPENAI_CLIP_STD
+    return ImageTransform(steps, tuple(mean), tuple(std))
 
 
 def image_token_count(vision: Any, *, class_token_length: int | None = None, use_im_start_end: bool = False) -> int:

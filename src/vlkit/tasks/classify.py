@@ -65,8 +65,6 @@ def config_problems(cfg: Config) -> list[str]:
         p.append(f"model.arch={m.arch!r}: the classify task trains vit_classifier models")
     if d.kind not in DATA_KINDS:
         p.append(f"data.kind={d.kind!r} is not one of {', '.join(DATA_KINDS)} (the classify task's data)")
-    if d.crop_scale is not None and (len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1):
-        p.append(f"data.crop_scale={list(d.crop_scale)} must be [min, max] with 0 < min <= max <= 1 (or null)")
     for key, value in (
         ("data.hflip", d.hflip),
         ("data.reprob", d.reprob),

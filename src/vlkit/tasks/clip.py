@@ -79,7 +79,7 @@ class CLIPTask(Task):
         return loader_from_config(
             data,
             batch_size=micro_batch_size,
-            image_transform=get_transform(self.cfg.model, train=True),
+            image_transform=get_transform(self.cfg.model, train=True, scale=_scale(data.clip_crop_scale)),
             tokenizer=tokenizer,
             train=True,
             seed=self.cfg.trainer.seed,
@@ -125,6 +125,10 @@ class CLIPTask(Task):
 
         meta = create_model(self.cfg, device="meta")
         return sum(c.forward_backward for c in tower_flops(meta, text_length).values())
+
+
+def _scale(value: Any) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
 
 
 def ensure_shapes_dataset(data_cfg: Any, image_size: int, is_main: bool, classification: bool = False) -> Any:
