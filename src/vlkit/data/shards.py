@@ -37,7 +37,6 @@ import math
 import os
 import random
 import re
-import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlkit.data.sources import Source, SourceSpec, dataset_size, has_weights, is_remote, parse_sources
+from vlkit.data.tar import TarReader
 
 logger = logging.getLogger("vlkit.data")
 
@@ -192,9 +192,10 @@ def iter_tar(
     index, key, fields = -1, None, {}
     reading = False  # inside a member's data: a break there leaves the current sample incomplete
     try:
-        with fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with fileobj:
+            tar = TarReader(fileobj)
             for member in tar:
-                if not member.isreg():
+                if not member.is_file:
                     continue
                 k, ext = split_name(member.name)
                 if k is None or (k.startswith("__") and ext.endswith("__")):
@@ -210,9 +211,8 @@ def iter_tar(
                     fields[ext] = TOO_LARGE
                     continue
                 reading = True
-                fields[ext] = tar.extractfile(member).read()
+                fields[ext] = tar.read()
                 reading = False
-                tar.members = []  # the streaming reader would otherwise keep every header
     except Exception as e:
         if key is not None and index >= skip and not reading:
             yield Record(index, key, fields)  # the break came between members: those read are complete

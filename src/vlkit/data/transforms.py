@@ -102,6 +102,8 @@ class ResizeCenterCrop:
     def __call__(self, inpt: Any) -> Any:
         height, width = F.get_size(inpt)
         target_h, target_w = self.size
+        if (height, width) == (target_h, target_w):
+            return inpt
         new_h, new_w = resized_size(height, width, target_h, target_w, self.crop_style)
         if (new_h, new_w) != (height, width):
             inpt = F.resize(inpt, [new_h, new_w], interpolation=self.interpolation, antialias=True)
