@@ -291,3 +291,10 @@ def test_random_resized_crop_params_cover_the_range_and_fall_back_to_the_centre(
     assert min(ratios) < 0.8 and max(ratios) > 1.25 and all(0.7 < r < 1.4 for r in ratios)
     # A 10 x 1000 strip: no draw fits, so the centre crop with the widest allowed ratio (4/3).
     assert crop.params(10, 1000) == (0, (1000 - 13) // 2, 10, 13)
+
+
+def test_tensor_input_is_never_modified():
+    x = torch.rand(3, 32, 32)
+    before = x.clone()
+    out = get_transform(VisionConfig(img_h=32, img_w=32), train=False)(x)  # same size: no resize, no crop
+    assert torch.equal(x, before) and not torch.equal(out, x)

@@ -189,7 +189,8 @@ class ImageTransform:
             img = step(img)
         if isinstance(img, torch.Tensor):
             x = img.as_subclass(torch.Tensor)
-            x = x.to(torch.float32).mul_(1.0 / 255) if x.dtype == torch.uint8 else x.to(torch.float32)
+            # copy=True: the in-place steps below must never write into the caller's tensor
+            x = x.to(torch.float32).mul_(1.0 / 255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         else:
             x = F.pil_to_tensor(img).to(torch.float32).mul_(1.0 / 255)
         if self.mean is not None:
