@@ -133,3 +133,28 @@ def test_run_order_puts_eager_first():
 def test_usage_errors_exit_2(argv, message, capsys):
     assert bench.run(_args(*argv)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_llama_tiny_against_transformers(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    report = _run(tmp_path, capsys, "--model", "llama-tiny", "--seq-len", "32", "--peers", "transformers")
+    assert report["command"].startswith("vlkit bench train --model llama-tiny --batch-size 8 --seq-len 32 --steps 2")
+    ours, theirs = report["systems"]
+    assert (ours["system"], theirs["system"], theirs["precision"]) == ("vlkit", "transformers", "pure bf16")
+    for row in (ours, theirs):
+        assert row["status"] == "ok" and row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 32)
+    # The same decoder (parameters and FLOPs to the unit), and the trainer's MFU basis counts it alike.
+    check = report["checks"]["transformers"]
+    assert check["same_network"] and check["flops_rel_diff"] == 0.0
+    assert report["checks"]["trainer_mfu_basis_rel_diff"] == 0.0
+    assert "tokens/s" in report["table"].splitlines()[1]
+    # 6 N per token for the matmul weights (all but the 512 x 64 embedding table), plus attention.
+    dense = ours["params"] - 512 * 64
+    assert 6 * dense * 8 * 32 < ours["flops_per_step"] < 1.2 * 6 * dense * 8 * 32
+
+
+def test_llama_usage_errors(capsys):
+    assert bench.run(_args("--model", "llama-tiny", "--seq-len", "4096", "--device", "cpu")) == 2
+    assert "longer than the model's context (256)" in capsys.readouterr().err
+    assert bench.run(_args("--model", "clip-tiny", "--seq-len", "64", "--device", "cpu")) == 2
+    assert "LLaMA presets only" in capsys.readouterr().err

@@ -23,6 +23,9 @@ loss formula for every CLIP system (open_clip's two logit matmuls). MFU divides 
 device's dense bf16 peak (``vlkit.train.metrics``: 790 TFLOP/s for H100/H200, the ceiling measured in
 BENCHMARKS.md) or ``--peak-tflops``; with no known peak (the CPU) it is omitted.
 
+LLaMA presets run against transformers' ``LlamaForCausalLM`` built from the same config, in pure bf16 as the anchors
+ran it, on ``--batch-size`` sequences of ``--seq-len`` token ids (default 8 x 2048), and report tokens/s.
+
 Inputs: images ``randn [B, 3, H, W]`` (float32, as the anchors); token ids uniformly random in
 ``[1, eot)`` over the full context with the end-of-text token at the last position, so every system runs all
 positions (the anchors' open_clip always does; vlkit's padding trim then has nothing to trim); labels uniform.
@@ -54,7 +57,9 @@ from torch import nn
 
 PRECISIONS = ("bf16", "fp32", "O2")
 LOSS_IMPLS = ("auto", "naive", "tiled", "fused")
-PEERS_BY_ARCH = {"clip": ("open_clip",), "vit_classifier": ("timm",)}
+PEERS_BY_ARCH = {"clip": ("open_clip",), "vit_classifier": ("timm",), "llama": ("transformers",)}
+DEFAULT_BATCH = {"llama": 8}  # sequences per step for decoders (the anchors' 8 x 2048 tokens); 256 samples otherwise
+DEFAULT_SEQ_LEN = 2048
 # --compile: which vlkit variants run. "static" turns off dynamo's automatic dynamic shapes, so the towers' blocks
 # (one code object, two shapes) get one static graph each instead of a shape-generic one for the second tower.
 VLKIT_COMPILE = {
@@ -67,7 +72,8 @@ VLKIT_COMPILE = {
 PEER_COMPILE = {"off": ("eager",), "on": ("compile",), "both": ("eager", "compile")}
 INPUTS_NOTE = (
     "images randn [B,3,H,W] float32; token ids uniform in [1, eot) over the full context with eot at the last "
-    "position (every system runs all positions); labels uniform in [0, num_classes)"
+    "position (every system runs all positions); labels uniform in [0, num_classes); LLaMA: ids uniform in "
+    "[0, vocab) of [B, seq_len], every next token a target"
 )
 
 
@@ -89,9 +95,14 @@ class System:
 # Inputs and FLOP counting
 
 
-def make_inputs(model_cfg, batch: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_inputs(
+    model_cfg, batch: int, device: torch.device, seed: int = 0, seq_len: int = DEFAULT_SEQ_LEN
+) -> dict[str, torch.Tensor]:
     """The one random batch every system trains on (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
+    if model_cfg.arch == "llama":  # token ids uniform over the vocabulary, every position a target
+        ids = torch.randint(0, model_cfg.llm.vocab_size, (batch, seq_len), generator=g)
+        return {"input_ids": ids.to(device)}
     v = model_cfg.vision
     out = {"image": torch.randn(batch, v.num_channels, v.img_h, v.img_w, generator=g)}
     if model_cfg.arch == "clip":
@@ -113,6 +124,11 @@ def clip_loss_for_count(out: dict[str, torch.Tensor]) -> torch.Tensor:
     return (F.cross_entropy(scale * img @ txt.T, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy: position t predicts token t + 1 (what transformers computes from ``labels=ids``)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
 def count_step_flops(meta_model: nn.Module, arch: str, inputs: dict[str, torch.Tensor]) -> int:
     """FLOPs of one forward + loss + backward of ``meta_model`` (on the meta device) at the inputs' shapes."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,7 +136,11 @@ def count_step_flops(meta_model: nn.Module, arch: str, inputs: dict[str, torch.T
     meta = {k: torch.empty_like(v, device="meta") for k, v in inputs.items()}
     meta_model.train()
     with FlopCounterMode(display=False) as fc:
-        if arch == "clip":
+        if arch == "llama":
+            out = meta_model(input_ids=meta["input_ids"])
+            logits = out if isinstance(out, torch.Tensor) else out.logits  # transformers returns an output object
+            loss = next_token_loss(logits, meta["input_ids"])
+        elif arch == "clip":
             loss = clip_loss_for_count(meta_model(meta["image"], meta["text"]))
         else:
             loss = F.cross_entropy(meta_model(meta["image"]).float(), meta["label"])
@@ -173,7 +193,30 @@ def _bench_task(arch: str):
                 return self.batch_size(batch) * tower_flops(meta)["image"].forward_backward
 
         return BenchClassifyTask
-    raise ValueError(f"vlkit bench train supports CLIP and ViT-classifier presets, not model.arch={arch!r}")
+    if arch == "llama":
+        from vlkit.models import create_model
+
+        class BenchCausalLMTask(Task):
+            name = "causal_lm"
+
+            def build_model(self) -> nn.Module:
+                return create_model(self.cfg)
+
+            def build_train_loader(self, micro_batch_size: int):
+                return []
+
+            def batch_size(self, batch) -> int:
+                return int(batch["input_ids"].shape[0])
+
+            def loss(self, model, batch):
+                return next_token_loss(model(batch["input_ids"]), batch["input_ids"]), {}
+
+            def train_flops(self, batch) -> int | None:
+                meta = create_model(self.cfg, device="meta")
+                return count_step_flops(meta, "llama", batch)
+
+        return BenchCausalLMTask
+    raise ValueError(f"vlkit bench train supports CLIP, ViT-classifier and LLaMA presets, not model.arch={arch!r}")
 
 
 def resolved_loss_impl(impl: str, device: torch.device) -> str:
@@ -565,8 +608,44 @@ def build_timm(model_cfg, args, device: torch.device, compiled: bool, inputs: di
     )
 
 
-PEER_BUILDERS = {"open_clip": build_openclip, "timm": build_timm}
-PEER_MODULES = {"open_clip": "open_clip", "timm": "timm"}
+def build_transformers(model_cfg, args, device: torch.device, compiled: bool, inputs: dict) -> System:
+    """transformers' LlamaForCausalLM with the preset's config, as the anchors ran it: pure bf16 weights (no
+    autocast, no fp32 master copy), SDPA attention, ``labels=ids`` loss, fused AdamW."""
+    import transformers
+
+    from vlkit.interop.hf_llama import hf_config_from_llm
+
+    config = transformers.LlamaConfig(**hf_config_from_llm(model_cfg.llm))
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(config)
+    params, flops = _count_params(meta), count_step_flops(meta, "llama", inputs)
+    del meta
+    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    opt = _adamw(model, device)
+    fwd = torch.compile(model) if compiled else model
+    ids = inputs["input_ids"]
+
+    def step():
+        fwd(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    notes = ["peer runs pure bf16 weights (the anchors' setting)"] if dtype == torch.bfloat16 else []
+    return System(
+        source=f"transformers {_version('transformers')} LlamaForCausalLM, {str(dtype).removeprefix('torch.')} "
+        "weights, sdpa" + (" + torch.compile(model)" if compiled else ""),
+        step=step,
+        precision="pure bf16" if dtype == torch.bfloat16 else "fp32",
+        params=params,
+        flops_per_step=flops,
+        notes=notes,
+    )
+
+
+PEER_BUILDERS = {"open_clip": build_openclip, "timm": build_timm, "transformers": build_transformers}
+PEER_MODULES = {"open_clip": "open_clip", "timm": "timm", "transformers": "transformers"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -622,6 +701,7 @@ def measure(system: System, device: torch.device, args: argparse.Namespace, peak
         "times_ms": t["times_ms"],
         "warmup_s": t["warmup_s"],
         "samples_per_s": args.batch_size / (median_ms * 1e-3),
+        "tokens_per_s": args.batch_size * args.seq_len / (median_ms * 1e-3) if args.seq_len else None,
         "achieved_tflops": achieved / 1e12,
         "mfu": achieved / peak_flops if peak_flops else None,
         "peak_mem_gib": t["peak_mem_gib"],
@@ -657,6 +737,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "triton": _version("triton") or _version("pytorch-triton"),
         "open_clip_torch": _version("open_clip_torch"),
         "timm": _version("timm"),
+        "transformers": _version("transformers"),
         "vlkit": _vlkit_version(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
@@ -685,7 +766,9 @@ def add_ratios(rows: list[dict]) -> list[str]:
 
 
 def format_table(rows: list[dict], peer_cols: list[str], title: str) -> str:
-    head = ["system", "samples/s", "ms/step", "TFLOP/s", "MFU", "peak GiB"] + [f"vs {p}" for p in peer_cols]
+    tokens = any(r.get("tokens_per_s") for r in rows)
+    rate = "tokens/s" if tokens else "samples/s"
+    head = ["system", rate, "ms/step", "TFLOP/s", "MFU", "peak GiB"] + [f"vs {p}" for p in peer_cols]
     lines = []
     for r in rows:
         if r["status"] != "ok":
@@ -694,7 +777,7 @@ def format_table(rows: list[dict], peer_cols: list[str], title: str) -> str:
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         cells = [
             r["system"],
-            _fmt(r["samples_per_s"], ".1f"),
+            _fmt(r["tokens_per_s"] if tokens else r["samples_per_s"], ".1f"),
             _fmt(r["step_ms"], ".2f"),
             _fmt(r["achieved_tflops"], ".3g"),
             "-" if mfu is None else f"{mfu:.1f}%",
@@ -716,6 +799,7 @@ def equivalent_command(args: argparse.Namespace, device: torch.device, peers: li
         "vlkit bench train",
         f"--model {args.model}",
         f"--batch-size {args.batch_size}",
+        *([f"--seq-len {args.seq_len}"] if args.seq_len else []),
         f"--steps {args.steps}",
         f"--warmup {args.warmup}",
         f"--precision {args.precision}",
@@ -774,12 +858,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  vlkit bench train --model clip-b16 --batch-size 256 --precision bf16 --compile both --peer-compile "
         "--out $OUT\n"
         "  vlkit bench train --model vit-b16 --peers timm --peer-compile\n"
-        "  vlkit bench train --model clip-tiny --batch-size 8 --steps 2 --warmup 1 --device cpu"
+        "  vlkit bench train --model clip-tiny --batch-size 8 --steps 2 --warmup 1 --device cpu\n"
+        "  vlkit bench train --model llama-1b --batch-size 8 --seq-len 2048   # tokens/s against transformers"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the vlkit preset")
-    parser.add_argument("--model", default="clip-b16", help="vlkit preset (CLIP or ViT classifier), default clip-b16")
-    parser.add_argument("--batch-size", type=int, default=256, help="samples per step (default 256)")
+    parser.add_argument(
+        "--model", default="clip-b16", help="vlkit preset (CLIP, ViT classifier or LLaMA), default clip-b16"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="samples (sequences for LLaMA) per step (default 256; LLaMA 8)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"LLaMA: tokens per sequence (default {DEFAULT_SEQ_LEN}, at most the context)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per system (median reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (>= 1; compilation happens here)")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="bf16 autocast (default), fp32, or O2")
@@ -796,7 +891,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peers",
         default=None,
-        help="comma-separated peers (open_clip for CLIP, timm for ViT classifiers) or 'none'; default: the "
+        help="comma-separated peers (open_clip for CLIP, timm for ViT classifiers, transformers for LLaMA) or "
+        "'none'; default: the "
         "importable ones of the model's family",
     )
     parser.add_argument(
@@ -841,7 +937,7 @@ def _resolve_peers(spec: str | None, arch: str) -> tuple[list[str], list[dict], 
             return [], [], f"peer {p!r} does not train model.arch={arch!r} (its peers: {', '.join(family) or 'none'})"
         ok, why = _importable(PEER_MODULES[p])
         if not ok:
-            hint = "open_clip_torch==3.3.0" if p == "open_clip" else "timm"
+            hint = {"open_clip": "open_clip_torch==3.3.0"}.get(p, p)
             return [], [], f"peer {p!r} was asked for but cannot be imported ({why}); pip install {hint}"
     return names, [], None
 
@@ -889,8 +985,8 @@ def run(args: argparse.Namespace) -> int:
     from vlkit.train.metrics import device_peak_flops
 
     log = sys.stderr if args.json else sys.stdout
-    if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
-        print("error: --steps, --warmup and --batch-size must be >= 1", file=sys.stderr)
+    if args.steps < 1 or args.warmup < 1 or (args.batch_size or 1) < 1 or (args.seq_len or 2) < 2:
+        print("error: --steps, --warmup and --batch-size must be >= 1, --seq-len >= 2", file=sys.stderr)
         return 2
     device = _device(args.device)
     if isinstance(device, str):
@@ -902,8 +998,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if model_cfg.arch not in PEERS_BY_ARCH:
-        print(f"error: vlkit bench train times CLIP and ViT-classifier presets, not model.arch={model_cfg.arch!r}",
-              file=sys.stderr)  # fmt: skip
+        print(f"error: vlkit bench train times CLIP, ViT-classifier and LLaMA presets, not model.arch="
+              f"{model_cfg.arch!r}", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH.get(model_cfg.arch, 256)
+    if model_cfg.arch == "llama":
+        context = model_cfg.llm.encoder_seq_length
+        args.seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, context)
+        if args.seq_len > context:
+            print(f"error: --seq-len {args.seq_len} is longer than the model's context ({context})", file=sys.stderr)
+            return 2
+    elif args.seq_len is not None:
+        print("error: --seq-len applies to LLaMA presets only", file=sys.stderr)
         return 2
     peers, skipped, error = _resolve_peers(args.peers, model_cfg.arch)
     if error:
@@ -923,7 +1030,7 @@ def run(args: argparse.Namespace) -> int:
     for s in skipped:
         notes.append(f"peer {s['peer']} skipped: {s['reason']}")
     torch.manual_seed(0)
-    inputs = make_inputs(model_cfg, args.batch_size, device)
+    inputs = make_inputs(model_cfg, args.batch_size, device, seq_len=args.seq_len or DEFAULT_SEQ_LEN)
     report: dict[str, Any] = {
         "benchmark": "training step throughput, one device, random on-device data",
         "command": equivalent_command(args, device, peers),
@@ -934,6 +1041,7 @@ def run(args: argparse.Namespace) -> int:
             "overrides": list(args.overrides),
             "arch": model_cfg.arch,
             "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
             "steps": args.steps,
             "warmup": args.warmup,
             "precision": args.precision,
@@ -1030,7 +1138,12 @@ def run_system(
                 f"{row['nonfinite_steps']} steps skipped as non-finite: the optimizer step was not timed"
             )
     if row["status"] == "ok":
-        print(f"[{label}] {row['samples_per_s']:.1f} samples/s, {row['step_ms']:.2f} ms/step", file=log, flush=True)
+        rate = (
+            f"{row['tokens_per_s']:.1f} tokens/s"
+            if row.get("tokens_per_s")
+            else f"{row['samples_per_s']:.1f} samples/s"
+        )
+        print(f"[{label}] {rate}, {row['step_ms']:.2f} ms/step", file=log, flush=True)
     return row
 
 
