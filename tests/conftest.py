@@ -29,3 +29,16 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 24
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny matrices gain nothing from a second one, and on a busy 2-core machine
+    OpenMP's waits for a descheduled thread dominate their run time. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,21 +20,14 @@ from vlkit.interop.hf_llava import (
 from vlkit.interop.native import ModelFormatError, detect_format
 from vlkit.models.neva import IMAGE_TOKEN_INDEX, NevaModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMAGE_ID, VOCAB, N = 129, 130, 16  # 32 px / patch 8 = 16 patches
 PREPROCESSOR = {
     "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32}, "resample": 3,
     "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 255,
     "do_normalize": True, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3],
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from intra-op threads; on a busy 2-core machine OpenMP's waits dominate.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hf_llava(strategy="default", layer=-2, tied=False) -> LlavaForConditionalGeneration:

@@ -12,13 +12,7 @@ from vlkit.interop.native import ModelFormatError
 from vlkit.interop.neva import build_neva_model, load_adapter
 from vlkit.models.neva import trainable_state_dict
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

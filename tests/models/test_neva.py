@@ -18,17 +18,10 @@ from vlkit.models.neva import (
 )
 from vlkit.models.vit import VisionTransformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMG = IMAGE_TOKEN_INDEX
 P = 16  # neva-tiny: 32 px / patch 8 = 16 patches, class token dropped
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from intra-op threads; on a busy 2-core machine OpenMP's waits dominate.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**overrides) -> NevaModel:

@@ -22,18 +22,10 @@ from vlkit.train.ema import ModelEma
 from vlkit.train.optim import build_optimizer, build_scheduler
 from vlkit.train.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["model.vision.num_layers=2", "model.vision.hidden_size=32", "model.vision.ffn_hidden_size=64",
         "model.vision.num_attention_heads=2"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine OpenMP's waits for a
-    # descheduled thread dominate their run time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

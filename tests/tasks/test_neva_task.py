@@ -17,14 +17,7 @@ from vlkit.tasks import task_for
 from vlkit.tasks.neva import NevaTask
 from vlkit.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices gain nothing from intra-op threads; on a busy 2-core machine OpenMP's waits dominate.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
