@@ -160,6 +160,7 @@ def _count_params(model: nn.Module) -> int:
 
 def _bench_task(arch: str):
     """The trainer's task for ``arch`` with a data loader that yields nothing (the batch is handed in directly)."""
+    from vlkit.models import create_model
     from vlkit.tasks.base import Task
 
     if arch == "clip":
@@ -170,18 +171,20 @@ def _bench_task(arch: str):
                 return []
 
         return BenchCLIPTask
+
+    class BenchTask(Task):
+        def build_model(self) -> nn.Module:
+            return create_model(self.cfg)
+
+        def build_train_loader(self, micro_batch_size: int):
+            return []
+
     if arch == "vit_classifier":
-        # The classify task's step (cross-entropy on logits) without its data, augmentation and mixup.
-        from vlkit.models import create_model
 
-        class BenchClassifyTask(Task):
+        class BenchClassifyTask(BenchTask):
+            """The classify task's step (cross-entropy on logits) without its data, augmentation and mixup."""
+
             name = "classify"
-
-            def build_model(self) -> nn.Module:
-                return create_model(self.cfg)
-
-            def build_train_loader(self, micro_batch_size: int):
-                return []
 
             def loss(self, model, batch):
                 return F.cross_entropy(model(batch["image"]).float(), batch["label"]), {}
@@ -194,16 +197,11 @@ def _bench_task(arch: str):
 
         return BenchClassifyTask
     if arch == "llama":
-        from vlkit.models import create_model
 
-        class BenchCausalLMTask(Task):
+        class BenchCausalLMTask(BenchTask):
+            """Next-token cross-entropy on every position of the batch's sequences."""
+
             name = "causal_lm"
-
-            def build_model(self) -> nn.Module:
-                return create_model(self.cfg)
-
-            def build_train_loader(self, micro_batch_size: int):
-                return []
 
             def batch_size(self, batch) -> int:
                 return int(batch["input_ids"].shape[0])
@@ -212,8 +210,7 @@ def _bench_task(arch: str):
                 return next_token_loss(model(batch["input_ids"]), batch["input_ids"]), {}
 
             def train_flops(self, batch) -> int | None:
-                meta = create_model(self.cfg, device="meta")
-                return count_step_flops(meta, "llama", batch)
+                return count_step_flops(create_model(self.cfg, device="meta"), "llama", batch)
 
         return BenchCausalLMTask
     raise ValueError(f"vlkit bench train supports CLIP, ViT-classifier and LLaMA presets, not model.arch={arch!r}")
