@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from vlkit.utils.argtypes import positive_int
+
 EXIT_OK, EXIT_USAGE = 0, 2
 HELP_LINE = "/image PATH: another image (starts over) | /reset: forget the conversation | /quit or Ctrl-D: exit"
 
@@ -37,22 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="NeVA model, checkpoint or run directory")
     p.add_argument("--image", required=True, metavar="IMG", help="the image to talk about")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="answer this once and exit (default: interactive)")
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N", help="answer length limit (128)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="answer length limit (128)")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default); > 0: sample")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1.0: off)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K likeliest tokens (0: off)")

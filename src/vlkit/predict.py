@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vlkit.utils.argtypes import positive_int
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 CLASSES_FILE = "classes.json"
 
@@ -30,21 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--model", required=True, help="a model or checkpoint directory, or a run directory (its latest "
                    "checkpoint)")  # fmt: skip
-    p.add_argument("--topk", type=_positive_int, default=5, help="classes per image (default 5)")
+    p.add_argument("--topk", type=positive_int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda[:N]")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def find_class_names(model_dir: str | os.PathLike, num_classes: int) -> list[str] | None:

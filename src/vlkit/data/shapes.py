@@ -38,6 +38,7 @@ from vlkit.data.shapes_render import (
     render,
     sample_scene,
 )
+from vlkit.utils.argtypes import int_in_range, non_negative_int, positive_int, probability
 
 GENERATOR = "vlkit data shapes"
 FORMAT_VERSION = 1
@@ -347,48 +348,12 @@ def write_shapes_dataset(
 # ------------------------------------------------------------------------------------------------------------ command
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _image_size(text: str) -> int:
-    value = _positive_int(text)
-    if not MIN_SIZE <= value <= MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
+    return int_in_range(text, MIN_SIZE, MAX_SIZE)
 
 
 def _quality(text: str) -> int:
-    value = _positive_int(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 100, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value}")
-    return value
+    return int_in_range(text, 1, 100)
 
 
 def _names(known: Sequence[str]):
@@ -402,11 +367,8 @@ def _names(known: Sequence[str]):
     return parse
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``vlkit data shapes``."""
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--train", type=_positive_int, default=DEFAULTS["train"], metavar="N", help="training samples")
-    p.add_argument("--val", type=_positive_int, default=DEFAULTS["val"], metavar="M", help="held-out samples")
+def add_scene_arguments(p: argparse.ArgumentParser) -> None:
+    """The scene options that ``vlkit data shapes`` and ``vlkit data shapes-vqa`` share."""
     p.add_argument(
         "--size",
         type=_image_size,
@@ -414,16 +376,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="PX",
         help=f"image side in pixels, {MIN_SIZE}-{MAX_SIZE} (default 32: the input size of clip-tiny and vit-tiny)",
     )
-    p.add_argument("--seed", type=_seed, default=DEFAULTS["seed"], metavar="S", help="dataset seed")
-    p.add_argument(
-        "--shard-size", type=_positive_int, default=DEFAULTS["shard_size"], metavar="K", help="samples per shard"
-    )
-    p.add_argument(
-        "--classification",
-        action="store_true",
-        help="write an ImageFolder tree (train/<class_name>/KEY.png, spaces in class names as underscores) "
-        "instead of webdataset shards",
-    )
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULTS["seed"], metavar="S", help="dataset seed")
     p.add_argument(
         "--shapes",
         type=_names(SHAPES),
@@ -440,7 +393,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--second-prob",
-        type=_probability,
+        type=probability,
         default=DEFAULTS["second_prob"],
         metavar="P",
         help="probability of a second, smaller object",
@@ -451,10 +404,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="show every background x position pair in training too (by default a few appear only in val)",
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``vlkit data shapes``."""
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--train", type=positive_int, default=DEFAULTS["train"], metavar="N", help="training samples")
+    p.add_argument("--val", type=positive_int, default=DEFAULTS["val"], metavar="M", help="held-out samples")
+    add_scene_arguments(p)
+    p.add_argument(
+        "--shard-size", type=positive_int, default=DEFAULTS["shard_size"], metavar="K", help="samples per shard"
+    )
+    p.add_argument(
+        "--classification",
+        action="store_true",
+        help="write an ImageFolder tree (train/<class_name>/KEY.png, spaces in class names as underscores) "
+        "instead of webdataset shards",
+    )
     p.add_argument("--quality", type=_quality, default=95, metavar="Q", help="JPEG quality, 1-100")
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="rendering processes (default: one per core from 4000 images on); the output does not depend on it",

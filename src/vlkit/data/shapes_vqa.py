@@ -30,17 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from vlkit.data.conversation import ALL_SPECIAL_TOKENS, IMAGE_TOKEN, TEMPLATES, Turn
-from vlkit.data.shapes import (
-    SPLITS,
-    _image_size,
-    _names,
-    _positive_int,
-    _probability,
-    _seed,
-    balanced_labels,
-    make_sample,
-)
+from vlkit.data.shapes import SPLITS, add_scene_arguments, balanced_labels, make_sample
 from vlkit.data.shapes_render import DEFAULT_COLORS, DEFAULT_SHAPES, PALETTE, SHAPES, Scene, class_names, render
+from vlkit.utils.argtypes import positive_int
 
 GENERATOR = "vlkit data shapes-vqa"
 FORMAT_VERSION = 1
@@ -379,56 +371,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
         "--train",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULTS["train"],
         metavar="N",
         help=f"training images (default {DEFAULTS['train']})",
     )
     p.add_argument(
         "--val",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULTS["val"],
         metavar="M",
         help=f"held-out images (default {DEFAULTS['val']})",
     )
-    p.add_argument(
-        "--size",
-        type=_image_size,
-        default=DEFAULTS["size"],
-        metavar="PX",
-        help=f"image side in pixels (default {DEFAULTS['size']})",
-    )
-    p.add_argument("--seed", type=_seed, default=DEFAULTS["seed"], metavar="S", help="dataset seed")
-    p.add_argument(
-        "--shapes",
-        type=_names(SHAPES),
-        default=DEFAULT_SHAPES,
-        metavar="LIST",
-        help=f"comma-separated shapes (default {','.join(DEFAULT_SHAPES)}; available: {', '.join(SHAPES)})",
-    )
-    p.add_argument(
-        "--colors",
-        type=_names(tuple(PALETTE)),
-        default=DEFAULT_COLORS,
-        metavar="LIST",
-        help=f"comma-separated colours (default {','.join(DEFAULT_COLORS)}; available: {', '.join(PALETTE)})",
-    )
-    p.add_argument(
-        "--second-prob",
-        type=_probability,
-        default=DEFAULTS["second_prob"],
-        metavar="P",
-        help="probability of a second, smaller object",
-    )
-    p.add_argument(
-        "--no-heldout",
-        dest="heldout",
-        action="store_false",
-        help="show every background x position pair in training too (by default a few appear only in val)",
-    )
+    add_scene_arguments(p)
     p.add_argument(
         "--vocab-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULTS["vocab_size"],
         metavar="V",
         help=f"vocabulary of the trained tokenizer: bytes + special tokens + merges (default {DEFAULTS['vocab_size']})",

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from vlkit.data.shards import default_decode
 from vlkit.data.sources import write_sizes
+from vlkit.utils.argtypes import positive_int
 
 KEEP_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 CONVERT_FORMATS = {".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga"}
@@ -301,16 +302,9 @@ def _csv_items(rows) -> Iterator[tuple[Path, str | None, int | None]]:
 # Command line
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory for the shards and sizes.json")
-    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--no-verify", action="store_true", help="store images without decoding them first")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

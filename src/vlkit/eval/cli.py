@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from vlkit.utils.argtypes import positive_int
+
 EXIT_OK, EXIT_USAGE = 0, 2
 
 COMMANDS = {
@@ -61,16 +63,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         cp.set_defaults(func=run, eval_task=name)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -113,7 +105,7 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
             help="prompt templates with {} for the class name: openai (80), openai7, simple ('a photo of a {}.'), "
             "or a file (JSON list, classes.json, one per line) (default: the classes.json's templates, else openai)",
         )
-        p.add_argument("--text-batch-size", type=_positive_int, default=256, help="prompts per forward (256)")
+        p.add_argument("--text-batch-size", type=positive_int, default=256, help="prompts per forward (256)")
     if task in ("zeroshot", "retrieval"):
         p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: the model config's)")
     if task == "retrieval":
@@ -125,9 +117,9 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
         )
         p.add_argument("--recall-k", type=_int_list, default=(1, 5, 10), metavar="K,K,...", help="(1,5,10)")
         p.add_argument(
-            "--chunk-size", type=_positive_int, default=4096, help="similarity block size, rows and columns (4096)"
+            "--chunk-size", type=positive_int, default=4096, help="similarity block size, rows and columns (4096)"
         )
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward (64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (64)")
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes (2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument(
@@ -136,7 +128,7 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
         choices=("auto", "fp32", "bf16", "fp16"),
         help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU",
     )
-    p.add_argument("--max-samples", type=_positive_int, default=None, help="evaluate at most N images")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate at most N images")
     p.add_argument("--dataset-name", default=None, help="the dataset's name in the report (default: --data)")
     p.add_argument("--model-name", default=None, help="the model's name in the report (default: its folder name)")
     p.add_argument("--json", action="store_true", help="print CLIP_benchmark's JSON result instead of text")

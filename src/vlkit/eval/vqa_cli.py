@@ -17,7 +17,7 @@ EXIT_OK, EXIT_USAGE = 0, 2
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``vlkit eval vqa``."""
-    from vlkit.eval.cli import _positive_int
+    from vlkit.utils.argtypes import positive_int
 
     p.add_argument(
         "--model",
@@ -39,9 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help="conversation template (default: the model's training template)")
     p.add_argument("--match", default=None, metavar="REGEX", help="only questions matching REGEX (case-insensitive), "
                    "e.g. 'colou?r'")  # fmt: skip
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="answer length limit (32)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="questions per generation batch (32)")
-    p.add_argument("--max-samples", type=_positive_int, default=None, help="evaluate at most N questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit (32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="questions per generation batch (32)")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="evaluate at most N questions")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU")  # fmt: skip
