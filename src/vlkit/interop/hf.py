@@ -36,13 +36,12 @@ from torch import nn
 from vlkit.config.schema import ModelConfig, VisionConfig
 from vlkit.interop.native import (
     CONFIG_FILE,
-    TOKENIZER_FILES_KEY,
     ModelFormatError,
     atomic_write_dir,
     clean_state_dict,
     read_json,
     read_weights_file,
-    write_model_files,
+    save_converted,
 )
 from vlkit.models.clip import CLIPModel
 from vlkit.models.factory import resolve_model_config
@@ -684,14 +683,7 @@ def convert_hf_to_vlkit(src: str | Path, out: str | Path) -> nn.Module:
     files = tokenizer_files(src)
     if model.config.text.tokenizer.lower() != "clip":
         model.config.text.tokenizer = str(out.resolve())  # the copies written next to the weights
-    extra = {TOKENIZER_FILES_KEY: files, "converted_from": {"format": "hf", "path": str(src)}}
-
-    def write(tmp: Path) -> None:
-        write_model_files(model, tmp, extra)
-        for name in files:
-            shutil.copyfile(src / name, tmp / name)
-
-    atomic_write_dir(out, write)
+    save_converted(model, out, src, files, {"format": "hf", "path": str(src)})
     return model
 
 

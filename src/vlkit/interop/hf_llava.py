@@ -24,7 +24,6 @@ Export back to Hugging Face is not provided: the blocks after the selected layer
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,11 +33,9 @@ import torch
 from vlkit.config.schema import MMConfig, MMLLMConfig, MMVisionEncoderConfig, ModelConfig, VisionConfig
 from vlkit.interop.native import (
     CONFIG_FILE,
-    TOKENIZER_FILES_KEY,
     ModelFormatError,
-    atomic_write_dir,
     read_json,
-    write_model_files,
+    save_converted,
 )
 from vlkit.models.factory import create_model, resolve_model_config
 from vlkit.models.neva import IMAGE_TOKEN_INDEX, NevaModel, freeze
@@ -218,14 +215,7 @@ def convert_llava_to_vlkit(src: str | Path, out: str | Path) -> NevaModel:
     files = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     source = {"format": "llava", "path": str(src), "image_token_index": config.get("image_token_index"),
               "image_seq_length": config.get("image_seq_length")}  # fmt: skip
-    extra = {TOKENIZER_FILES_KEY: files, "converted_from": source}
-
-    def write(tmp: Path) -> None:
-        write_model_files(model, tmp, extra)
-        for name in files:
-            shutil.copyfile(src / name, tmp / name)
-
-    atomic_write_dir(out, write)
+    save_converted(model, out, src, files, source)
     return model
 
 

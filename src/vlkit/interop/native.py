@@ -108,6 +108,19 @@ def write_model_files(model: nn.Module, directory: Path, extra: dict | None = No
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
+def save_converted(model: nn.Module, out: Path, src: Path, files: list[str], converted_from: dict) -> None:
+    """Write a converted model atomically: config.json and weights, plus ``files`` (the tokenizer's) copied from
+    ``src``, recorded in the config with where the model came from."""
+    extra = {TOKENIZER_FILES_KEY: files, "converted_from": converted_from}
+
+    def write(tmp: Path) -> None:
+        write_model_files(model, tmp, extra)
+        for name in files:
+            shutil.copyfile(src / name, tmp / name)
+
+    atomic_write_dir(out, write)
+
+
 def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``model`` (built by :func:`vlkit.create_model`) to directory ``path``; returns the path."""
     atomic_write_dir(Path(path), lambda tmp: write_model_files(model, tmp, extra))
