@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
             f"trainer.accelerator={args.device}",
             "trainer.checkpoint.every_n_steps=0",
             "trainer.checkpoint.keep_last=1",
-            f"data.num_workers={loader_workers(args.device)}",
             *([f"trainer.max_steps={args.steps}"] if args.steps is not None else []),
             *args.overrides,
         ],
@@ -61,21 +59,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nzero-shot top-1 {report['zeroshot']['acc1']:.3f} on {report['zeroshot']['num_samples']} held-out images")
     print(f"report: {out / 'report.md'}")
     return 0
-
-
-def loader_workers(device: str) -> int:
-    """Data-loader workers for the demo: the preset's 2, except on a CPU with 2 cores or fewer, where it is 0.
-
-    Training on the CPU, torch runs every op on all cores; a worker process that takes one of them stalls each op
-    until it gives it back. On 2 cores, 2 workers made a step 20% slower (0.139 s) than decoding in the main process
-    (0.115 s), though then nothing overlaps.
-    """
-    import torch
-
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return 2
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores <= 2 else 2
 
 
 def run_demo(cfg: Any, out: Path, val_samples: int = 1000) -> dict:
