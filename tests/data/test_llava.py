@@ -217,7 +217,7 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, tok, caplo
     loader = LlavaLoader(ds, 2, LlavaCollator(tok.pad_token_id, (16, 16)), shuffle=False, drop_last=False)
     ids = [i for batch in loader for i in batch["ids"]]
     assert ids == ["s0", "s4", "s4", "s4", "s4"]
-    assert loader.metrics() == ds.stats and sum(loader.metrics().values()) == 3
+    assert loader.counters() == {"skipped": ds.stats, "repaired": {}} and sum(ds.stats.values()) == 3
     # Counts live in shared memory: what a DataLoader worker process met is seen here.
     fresh = make_dataset(tmp_path, tok, samples)
     workers = LlavaLoader(fresh, 2, LlavaCollator(tok.pad_token_id, (16, 16)), shuffle=False, num_workers=1)

@@ -275,6 +275,11 @@ def test_imagefolder_loader_splits_ranks_and_resumes(shapes):
     seen = [sum(ranks[r].epoch_batches(0), []) for r in (0, 1)]
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 370  # 375 per rank, full batches
     assert ranks[0].epoch_batches(1) != ranks[0].epoch_batches(0)  # a new order every epoch
+    # Whole batches are dealt: one process with the same batch size sees rank 0's, rank 1's, rank 0's, ... batches.
+    single = ImageFolderLoader(dataset, 10, num_workers=0, seed=1).epoch_batches(0)
+    assert single[0:4] == [ranks[0].epoch_batches(0)[0], ranks[1].epoch_batches(0)[0],
+                           ranks[0].epoch_batches(0)[1], ranks[1].epoch_batches(0)[1]]  # fmt: skip
+    assert next(iter(ranks[1]))["mix_seed"] == (1, 0, 1)
     loader = ranks[0]
     it = iter(loader)
     keys = [next(it)["key"] for _ in range(3)]

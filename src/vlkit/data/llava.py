@@ -591,9 +591,9 @@ class LlavaLoader:
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
-    def metrics(self) -> dict[str, int]:
-        """Skipped samples by reason (``Task.skipped_samples`` reads this)."""
-        return self.dataset.skipped
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Skipped samples by reason (each replaced by another sample; nothing is repaired)."""
+        return {"skipped": dict(self.dataset.skipped), "repaired": {}}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -13,13 +13,18 @@ Targets are soft: ``y_i = λ·t(label_i) + (1-λ)·t(label_{B-1-i})`` where ``t`
 (``1-ε+ε/C`` on the class, ``ε/C`` elsewhere), so label smoothing is folded in. The loss is the soft-target
 cross-entropy :func:`soft_target_cross_entropy`.
 
-Random draws use torch's global CPU generator (seeded per rank by the trainer and saved in its checkpoints).
+Random draws come from a NumPy generator seeded by the batch's identity when the loader gives one (the ImageFolder
+loader's ``(seed, epoch, batch index)``: the same batch is mixed alike under any parallel layout), else from torch's
+global CPU generator (seeded per rank by the trainer and saved in its checkpoints).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -124,20 +129,24 @@ class Mixup:
         self.switch_prob = switch_prob
         self.label_smoothing = label_smoothing
 
-    def sample(self, height: int, width: int) -> MixParams:
-        """Draw one batch's parameters."""
-        if self.prob < 1.0 and float(torch.rand(())) >= self.prob:
+    def sample(self, height: int, width: int, seed: Sequence[int] | None = None) -> MixParams:
+        """Draw one batch's parameters: from ``seed`` (e.g. (run seed, epoch, batch index): the same batch mixes
+        alike in any parallel layout and after a resume), or else from torch's global generator."""
+        if seed is None:
+            seed = [int(torch.randint(0, 2**62, ()))]
+        rng = np.random.default_rng([int(s) for s in seed])
+        if self.prob < 1.0 and rng.random() >= self.prob:
             return MixParams()
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            use_cutmix = float(torch.rand(())) < self.switch_prob
+            use_cutmix = rng.random() < self.switch_prob
         else:
             use_cutmix = self.cutmix_alpha > 0
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        lam = float(rng.beta(alpha, alpha))
         if not use_cutmix:
             return MixParams(lam=lam)
-        center_y = int(torch.randint(0, height, ()))
-        center_x = int(torch.randint(0, width, ()))
+        center_y = int(rng.integers(0, height))
+        center_x = int(rng.integers(0, width))
         box, lam = cutmix_box(lam, height, width, center_y, center_x)
         return MixParams(lam=lam, box=box)
 
@@ -145,8 +154,10 @@ class Mixup:
         """(mixed images, soft targets [B, num_classes]) for given parameters."""
         return mix_images(images, params), mix_targets(labels, self.num_classes, params.lam, self.label_smoothing)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MixParams]:
-        """Draw parameters for this batch and apply them: (images, soft targets, the parameters drawn)."""
-        params = self.sample(images.shape[-2], images.shape[-1])
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, seed: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, MixParams]:
+        """Draw parameters for this batch (see :meth:`sample`) and apply them: (images, soft targets, parameters)."""
+        params = self.sample(images.shape[-2], images.shape[-1], seed)
         mixed, targets = self.apply(images, labels, params)
         return mixed, targets, params

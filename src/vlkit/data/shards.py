@@ -231,13 +231,6 @@ def is_unsafe_key(key: str) -> bool:
 # The dataset
 
 
-def node_info() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised, else env RANK / WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 @dataclass(frozen=True)
 class Part:
     """What one reader reads of one shard: samples ``index % stride == phase``."""
@@ -297,8 +290,8 @@ class StreamDataset(IterableDataset):
         label_key: str | None = None,
         num_samples: int | None = None,
         drop_last: bool = False,
-        rank: int | None = None,
-        world_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -314,9 +307,10 @@ class StreamDataset(IterableDataset):
         self.label_key = label_key
         self.num_samples = num_samples
         self.drop_last = drop_last
-        r, w = node_info()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        # The caller's data-parallel coordinates (the trainer's mesh): never the global rank, which would give
+        # tensor-parallel peers different batches.
+        self.rank = rank
+        self.world_size = world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside world size {self.world_size}")
         # Set by ShardLoader: batches per worker per epoch (None: until the shards run out), and where to resume.
@@ -780,6 +774,10 @@ class ShardLoader:
 
     # ---- position and metrics
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Skipped and repaired samples by reason so far (what the trainer logs)."""
+        return {"skipped": dict(self._metrics["skipped"]), "repaired": dict(self._metrics["repaired"])}
+
     @property
     def metrics(self) -> dict:
         """Counts since construction (or the restored state), aggregated over workers:
@@ -870,11 +868,14 @@ def loader_from_config(
     train: bool = True,
     seed: int = 0,
     label_key: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ShardLoader:
     """Build the loader a ``data:`` config section describes (``kind`` webdataset or csv).
 
     Keys used: ``train_path`` / ``val_path``, ``dataset_size``, ``num_workers``, ``shuffle_buffer``, ``resampled``,
     ``image_key``, ``text_key``. Evaluation (``train=False``) reads every sample once, in order, unshuffled.
+    ``rank`` / ``world_size``: the data-parallel coordinates (this reader's part of the data).
     """
     path = data_cfg.train_path if train else data_cfg.val_path
     if not path:
@@ -889,6 +890,8 @@ def loader_from_config(
         resampled=bool(data_cfg.resampled) and train,
         label_key=label_key,
         num_samples=data_cfg.dataset_size if train else None,
+        rank=rank,
+        world_size=world_size,
     )
     if data_cfg.kind == "csv":
         from vlkit.data.csvdata import CsvDataset

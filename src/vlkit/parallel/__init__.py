@@ -2,15 +2,19 @@
 FSDP2 / DDP, precision."""
 
 from vlkit.parallel.checkpointing import apply_activation_checkpointing, towers
-from vlkit.parallel.dist import DistInfo, build_mesh, cleanup, init_distributed
+from vlkit.parallel.dist import DataParallel, DistInfo, build_mesh, cleanup, data_parallel_of, init_distributed
+from vlkit.parallel.grad_norm import clip_grad_norm_
 from vlkit.parallel.parallelize import ParallelPlan, parallelize, resolve_data_parallel
 
 __all__ = [
+    "DataParallel",
     "DistInfo",
     "ParallelPlan",
     "apply_activation_checkpointing",
     "build_mesh",
     "cleanup",
+    "clip_grad_norm_",
+    "data_parallel_of",
     "init_distributed",
     "parallelize",
     "resolve_data_parallel",

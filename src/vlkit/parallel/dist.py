@@ -7,6 +7,7 @@ import gc
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,30 @@ def build_mesh(device: torch.device, tensor_parallel_size: int = 1) -> DeviceMes
     return init_device_mesh(
         device.type, (world // tensor_parallel_size, tensor_parallel_size), mesh_dim_names=("dp", "tp")
     )
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among the data-parallel ranks: which part of the data it reads.
+
+    Tensor-parallel peers share one data-parallel rank (they must see the same batch), so ``rank`` / ``size`` are the
+    mesh's ``dp`` coordinates, not the global rank and world size. ``group`` is the data-parallel process group for
+    gathers and reductions over the data (None: the default group, when the data-parallel ranks are all processes).
+    """
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+
+def data_parallel_of(mesh: DeviceMesh | None) -> DataParallel:
+    """The data-parallel coordinates of this process on the ("dp", "tp") ``mesh`` (one process without a mesh)."""
+    if mesh is None:
+        return DataParallel()
+    dp = mesh["dp"]
+    # With tp == 1 the dp ranks are the whole world: the default group serves, and no extra group is needed.
+    group = dp.get_group() if mesh["tp"].size() > 1 else None
+    return DataParallel(rank=dp.get_local_rank(), size=dp.size(), group=group)
 
 
 def cleanup(wait_for_peers: bool = True) -> None:

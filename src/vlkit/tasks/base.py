@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlkit.config.schema import Config
-from vlkit.parallel.dist import DistInfo
+from vlkit.parallel.dist import DataParallel, DistInfo
 
 Batch = dict[str, Any]
 
@@ -22,10 +22,17 @@ class Task:
     #: True when the loss is a function of per-sample features that can be cached (the gradient-cache recipe).
     supports_gradient_cache = False
 
-    def __init__(self, cfg: Config, dist: DistInfo, dp_group: Any = None) -> None:
+    def __init__(self, cfg: Config, dist: DistInfo, dp: DataParallel | None = None) -> None:
         self.cfg = cfg
         self.dist = dist
-        self.dp_group = dp_group  # the data-parallel process group (None: the default group, if any)
+        # The trainer's data-parallel coordinates: every loader reads part dp.rank of dp.size (never the global rank,
+        # which would give tensor-parallel peers different batches).
+        self.dp = dp if dp is not None else DataParallel()
+
+    @property
+    def dp_group(self) -> Any:
+        """The data-parallel process group (None: the default group, if any)."""
+        return self.dp.group
 
     # -- building -------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -91,9 +98,11 @@ class Task:
         """Forward + backward FLOPs of this batch (for MFU), traced on the meta device; None if unknown."""
         return None
 
-    def skipped_samples(self, loader: Any) -> dict[str, int]:
-        metrics = getattr(loader, "metrics", None)
-        return dict(metrics()) if callable(metrics) else {}
+    def data_counters(self, loader: Any) -> dict[str, dict[str, int]]:
+        """This rank's skipped / repaired samples by reason, ``{"skipped": {...}, "repaired": {...}}``: every
+        training loader of vlkit has ``counters()``; another iterable counts nothing."""
+        counters = getattr(loader, "counters", None)
+        return counters() if callable(counters) else {"skipped": {}, "repaired": {}}
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -96,8 +96,8 @@ class ClassifyTask(Task):
     name = "classify"
     supports_gradient_cache = False
 
-    def __init__(self, cfg: Config, dist_info: Any, dp_group: Any = None) -> None:
-        super().__init__(cfg, dist_info, dp_group)
+    def __init__(self, cfg: Config, dist_info: Any, dp: Any = None) -> None:
+        super().__init__(cfg, dist_info, dp)
         problems = config_problems(cfg)
         if problems:
             raise ConfigError("invalid config for the classify task:\n  " + "\n  ".join(problems))
@@ -170,14 +170,15 @@ class ClassifyTask(Task):
             path = Path(data.train_path)
             dataset = ImageFolder(path, transform=transform, classes=_classes_file_near(path))
             loader = ImageFolderLoader(dataset, micro_batch_size, num_workers=data.num_workers, seed=seed,
-                                       rank=self.dist.rank, world_size=self.dist.world_size)  # fmt: skip
+                                       rank=self.dp.rank, world_size=self.dp.size)  # fmt: skip
             return loader, list(dataset.classes)
         from vlkit.data.shards import loader_from_config
 
         # Image-only samples: no caption member is required, the label comes from the "cls" member.
         image_only = replace(data, text_key=None)
         loader = loader_from_config(image_only, batch_size=micro_batch_size, image_transform=transform,
-                                    tokenizer=None, seed=seed, label_key="cls")  # fmt: skip
+                                    tokenizer=None, seed=seed, label_key="cls", rank=self.dp.rank,
+                                    world_size=self.dp.size)  # fmt: skip
         classes_file = _classes_file_for_shards(data.train_path)
         return loader, _read_classes(classes_file) if classes_file is not None else None
 
@@ -202,7 +203,7 @@ class ClassifyTask(Task):
         images, labels = batch["image"], batch["label"]
         self._check_labels(labels, batch)
         if self.mixup is not None:
-            images, targets, params = self.mixup(images, labels)
+            images, targets, params = self.mixup(images, labels, batch.get("mix_seed"))
             logits = model(images)
             loss = soft_target_cross_entropy(logits, targets)
             # Accuracy against each image's dominant label (its own unless the pasted / blended partner weighs more).
@@ -302,11 +303,6 @@ class ClassifyTask(Task):
 
         meta = create_model(self.cfg, device="meta")
         return tower_flops(meta)["image"].forward_backward
-
-    def skipped_samples(self, loader: Any) -> dict[str, int]:
-        if isinstance(loader, ImageFolderLoader):
-            return dict(loader.dataset.skipped)
-        return dict(getattr(loader, "metrics", {}).get("skipped", {}))
 
 
 # ---------------------------------------------------------------------------------------------- starting weights
@@ -410,11 +406,15 @@ class _SeededSamples(Dataset):
 class ImageFolderLoader:
     """Training batches from an ImageFolder, epoch after epoch, with an exact, resumable position.
 
-    Each epoch the images are permuted by ``(seed, epoch)`` (the same permutation on every rank), rank ``r`` of
-    ``n`` takes every n-th image, and the rank's share is cut into full batches (the remainder waits for another
-    epoch), so every rank takes the same number of steps. The position is (epoch, batches consumed).
+    Each epoch the images are permuted by ``(seed, epoch)`` (the same permutation on every rank) and cut into
+    batches; data-parallel rank ``r`` of ``n`` takes batches ``r, r + n, r + 2n, ...`` (the remainder that does not
+    give every rank a batch waits for another epoch), so every rank takes the same number of steps. Dealing whole
+    batches keeps a batch's content independent of the layout: with the same batch size, one process accumulating
+    ``n`` micro-batches sees the very batches that ``n`` data-parallel ranks see, and batch-level augmentation
+    (mixup, keyed by ``mix_seed``) gives the same result. The position is (epoch, batches consumed).
 
-    Batches: ``image`` [B, 3, H, W], ``label`` [B] (long), ``key`` (paths relative to the dataset root).
+    Batches: ``image`` [B, 3, H, W], ``label`` [B] (long), ``key`` (paths relative to the dataset root),
+    ``mix_seed`` ((seed, epoch, the batch's index in the epoch), for batch-level random draws).
     """
 
     def __init__(
@@ -427,7 +427,7 @@ class ImageFolderLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        per_rank = len(dataset) // world_size
+        per_rank = len(dataset) // (batch_size * world_size) * batch_size
         if per_rank < batch_size:
             raise ValueError(f"{dataset.directory}: {len(dataset)} images do not fill one batch of {batch_size} "
                              f"on each of {world_size} rank(s)")  # fmt: skip
@@ -442,15 +442,20 @@ class ImageFolderLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def _batch_indices(self) -> range:
+        """This rank's batches' indices among the epoch's batches."""
+        return range(self.rank, self.batches_per_epoch * self.world_size, self.world_size)
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The sample indices of each of this rank's batches in ``epoch``."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        mine = torch.randperm(len(self.dataset), generator=g)[self.rank :: self.world_size].tolist()
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
         b = self.batch_size
-        return [mine[i * b : (i + 1) * b] for i in range(self.batches_per_epoch)]
+        return [order[i * b : (i + 1) * b] for i in self._batch_indices()]
 
     def __iter__(self):
         batches = self.epoch_batches(self.epoch)[self.position :]
+        numbers = self._batch_indices()[self.position :]
         loader = DataLoader(
             _SeededSamples(self.dataset, self.seed, self.epoch),
             batch_sampler=batches,
@@ -461,11 +466,15 @@ class ImageFolderLoader:
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),
         )
         root = self.dataset.root
-        for indices, (images, labels) in zip(batches, loader):
+        for number, indices, (images, labels) in zip(numbers, batches, loader):
             self.position += 1
             keys = [os.path.relpath(self.dataset.samples[i][0], root) for i in indices]
-            yield {"image": images, "label": labels, "key": keys}
+            yield {"image": images, "label": labels, "key": keys, "mix_seed": (self.seed, self.epoch, number)}
         self.epoch, self.position = self.epoch + 1, 0
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Images skipped so far by reason (an ImageFolder repairs nothing)."""
+        return {"skipped": dict(self.dataset.skipped), "repaired": {}}
 
     def state_dict(self) -> dict:
         return {

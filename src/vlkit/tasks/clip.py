@@ -35,11 +35,11 @@ class CLIPTask(Task):
     name = "clip"
     supports_gradient_cache = True
 
-    def __init__(self, cfg, dist_info, dp_group=None) -> None:
-        super().__init__(cfg, dist_info, dp_group)
+    def __init__(self, cfg, dist_info, dp=None) -> None:
+        super().__init__(cfg, dist_info, dp)
         m = cfg.model
         # Features are gathered over the data-parallel ranks only: tensor-parallel peers hold the same rows.
-        group = dp_group if dp_group is not None else "world"
+        group = self.dp_group if self.dp_group is not None else "world"
         self.loss_fn = ContrastiveLoss(m.loss_impl, m.local_loss, m.gather_with_grad, group=group)
         self.frozen: list[nn.Module] = []
         self.val_path: str | None = cfg.data.val_path
@@ -83,6 +83,8 @@ class CLIPTask(Task):
             tokenizer=tokenizer,
             train=True,
             seed=self.cfg.trainer.seed,
+            rank=self.dp.rank,
+            world_size=self.dp.size,
         )
 
     # -- the step -------------------------------------------------------------------------------------------------

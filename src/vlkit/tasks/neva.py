@@ -43,8 +43,8 @@ class NevaTask(Task):
 
     name = "neva"
 
-    def __init__(self, cfg, dist_info, dp_group=None) -> None:
-        super().__init__(cfg, dist_info, dp_group)
+    def __init__(self, cfg, dist_info, dp=None) -> None:
+        super().__init__(cfg, dist_info, dp)
         self.data = cfg.data
         self.model_config = cfg.model  # the built model's (a pretrained tower replaces the architecture)
         self.tokenizer_path: Path | None = None
@@ -120,15 +120,14 @@ class NevaTask(Task):
 
         self.dataset = self._dataset("train")
         vision = self.model_config.vision
-        rank, world = _dp_rank_and_size(self.dp_group)
         return LlavaLoader(
             self.dataset,
             micro_batch_size,
             LlavaCollator(self.dataset.tokenizer.tokenizer.pad_token_id, (vision.img_h, vision.img_w)),
             shuffle=True,
             seed=self.cfg.trainer.seed,
-            rank=rank,
-            world_size=world,
+            rank=self.dp.rank,
+            world_size=self.dp.size,
             num_workers=self.data.num_workers,
             pin_memory=self.dist.device.type == "cuda",
         )
@@ -145,11 +144,9 @@ class NevaTask(Task):
     def start_step(self, batches: list[Batch]) -> None:
         """Count the step's supervised tokens over its micro-batches and the data-parallel ranks (no host sync)."""
         total = sum(supervised_tokens(b["labels"]) for b in batches)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size(self.dp_group)
-            if world > 1:
-                dist.all_reduce(total, group=self.dp_group)
+        world = self.dp.size
+        if world > 1:
+            dist.all_reduce(total, group=self.dp_group)
         # The trainer averages micro-batch losses (1 / micro-batches) and DDP / FSDP average gradients over the
         # ranks (1 / ranks): scaling each micro-batch's token sum by micro-batches x ranks / total undoes both.
         self._step_scale = len(batches) * world / total.clamp(min=1).to(torch.float32)
@@ -172,9 +169,6 @@ class NevaTask(Task):
 
     def batch_tokens(self, batch: Batch) -> int | None:
         return int(supervised_tokens(batch["labels"]))
-
-    def skipped_samples(self, loader: Any) -> dict[str, int]:
-        return dict(loader.metrics()) if hasattr(loader, "metrics") else {}
 
     # -- FLOPs ----------------------------------------------------------------------------------------------------
     def train_flops(self, batch: Batch) -> int | None:
@@ -262,12 +256,6 @@ def template_with_system(name: str, system: str | None) -> Any:
 
     template = get_template(name)
     return template if system is None else dataclasses.replace(template, system=system)
-
-
-def _dp_rank_and_size(group: Any) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
 
 
 def ensure_shapes_vqa(data_cfg: Any, image_size: int, is_main: bool) -> Any:
