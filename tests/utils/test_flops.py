@@ -27,3 +27,18 @@ def test_tied_parameters_counted_once():
     lin = torch.nn.Linear(4, 4, bias=False)
     seq = torch.nn.Sequential(lin, lin)
     assert count_parameters(seq) == 16
+
+
+def test_clip_task_flops_fit_every_caption_length():
+    """The CLIP task counts a step's FLOPs from three traces (c + a L + b L^2): exact at any caption length."""
+    from vlkit.config import load_config
+    from vlkit.parallel import DistInfo
+    from vlkit.tasks.clip import CLIPTask
+
+    cfg = load_config("clip-tiny", [])
+    image, c, a, b = CLIPTask(cfg, DistInfo())._flop_coefficients()
+    meta = create_model(cfg, device="meta")
+    for length in (5, 40, 77):
+        traced = tower_flops(meta, length)
+        direct = traced["image"].forward_backward + traced["text"].forward_backward
+        assert image + c + a * length + b * length**2 == direct

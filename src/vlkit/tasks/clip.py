@@ -119,14 +119,24 @@ class CLIPTask(Task):
         """Image tower plus text tower at the batch's real (padding-trimmed) length, forward + backward."""
         text = self.cfg.model.text
         length = int(eot_positions(batch["text"], text.eot_token_id, text.pad_token_id).max()) + 1
-        return self.batch_size(batch) * self._flops_per_sample(length)
+        image, c, a, b = self._flop_coefficients()
+        return self.batch_size(batch) * (image + c + a * length + b * length * length)
 
-    @functools.cache  # noqa: B019 (one task per run; keyed by text length, at most 77 entries)
-    def _flops_per_sample(self, text_length: int) -> int:
+    @functools.cache  # noqa: B019 (one task per run)
+    def _flop_coefficients(self) -> tuple[int, int, int, int]:
+        """(image FLOPs per sample, c, a, b) with the text tower's FLOPs at length L exactly c + a L + b L^2
+        (the pooled projection is constant, linear layers grow with L, attention with L^2): three traces on the meta
+        device serve every caption length."""
         from vlkit.utils.flops import tower_flops
 
         meta = create_model(self.cfg, device="meta")
-        return sum(c.forward_backward for c in tower_flops(meta, text_length).values())
+        n = 8
+        f1, f2, f3 = (tower_flops(meta, k * n) for k in (1, 2, 3))
+        t1, t2, t3 = (f["text"].forward_backward for f in (f1, f2, f3))
+        b = (t3 - 2 * t2 + t1) // (2 * n * n)
+        a = (t2 - t1 - 3 * b * n * n) // n
+        c = t1 - a * n - b * n * n
+        return f1["image"].forward_backward, c, a, b
 
 
 def _scale(value: Any) -> tuple[float, float] | None:
