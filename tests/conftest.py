@@ -26,7 +26,7 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 24
     return result
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def torchrun():
     return run_torchrun
 
