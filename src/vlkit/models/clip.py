@@ -44,7 +44,8 @@ class CLIPModel(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at exp(logit_scale_max); the gradient stops only above the clamp."""
-        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp().squeeze(0)
+        # Squeezed before the arithmetic, so the result is a new tensor, not a view (FSDP2 warns about views).
+        return self.logit_scale.squeeze(0).clamp(max=self.config.logit_scale_max).exp()
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
