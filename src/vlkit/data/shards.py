@@ -34,7 +34,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import re
 import warnings
