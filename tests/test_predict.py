@@ -11,6 +11,7 @@ from vlkit.cli import main
 from vlkit.data.imagefolder import write_class_index
 from vlkit.interop.native import save_model
 from vlkit.models import create_model
+from vlkit.train.checkpoint import CheckpointManager
 
 NAMES = ["cat", "dog", "bird", "fish", "frog", "horse"]
 BIAS = [0.0, 1.0, 3.0, -1.0, 2.0, 0.5]  # a zero weight makes the logits these biases, whatever the image
@@ -26,10 +27,8 @@ def model_dir(tmp_path):
     model = create_model("vit-tiny", num_classes=len(NAMES))
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor(BIAS))
-    path = tmp_path / "run" / "checkpoints" / "step_00000010"
-    save_model(model, path)
+    path = CheckpointManager(tmp_path / "run" / "checkpoints").save(10, model, None)  # a complete one, and `latest`
     write_class_index(tmp_path / "run" / "checkpoints" / "classes.json", NAMES)  # where training puts it
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000010\n")
     return path
 
 

@@ -108,7 +108,16 @@ def test_model_path_follows_the_latest_checkpoint(tmp_path):
     step = tmp_path / "run" / "checkpoints" / "step_00000600"
     step.mkdir(parents=True)
     (step / "config.json").write_text("{}")
+    # The marker that makes it a complete checkpoint (it lists every other file at its size).
+    marker = {"format": "vlkit-checkpoint", "version": 1, "files": {"config.json": 2}}
+    (step / "train_state.json").write_text(json.dumps(marker))
     (step.parent / "latest").write_text("step_00000600\n")
     assert resolve_model_path(str(tmp_path / "run")) == str(step)
     assert resolve_model_path(str(step.parent)) == str(step)
     assert resolve_model_path(str(step)) == str(step)
+    # The same rule as resuming: a pointer at an incomplete checkpoint falls back to the newest complete one.
+    newer = step.with_name("step_00000700")
+    newer.mkdir()
+    (newer / "train_state.json").write_text(json.dumps({**marker, "files": {"model.safetensors": 10}}))
+    (step.parent / "latest").write_text("step_00000700\n")
+    assert resolve_model_path(str(tmp_path / "run")) == str(step)

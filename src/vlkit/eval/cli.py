@@ -156,19 +156,19 @@ def _check_path(option: str, value: str) -> None:
 
 
 def resolve_model_path(path: str) -> str:
-    """A model directory for ``--model``: the path itself when it holds ``config.json``; for a run directory or its
-    ``checkpoints/`` folder, the checkpoint their ``latest`` pointer names (what ``vlkit train`` writes)."""
-    root = os.path.abspath(path)
-    if os.path.isfile(os.path.join(root, "config.json")):
+    """The directory ``--model PATH`` stands for: a model or checkpoint directory is itself; a run directory or its
+    ``checkpoints/`` folder, its latest complete checkpoint (the trainer's rule; see
+    :func:`vlkit.interop.native.resolve_model_source`). Left as given when nothing fits, so that loading it says
+    what is wrong."""
+    from pathlib import Path
+
+    from vlkit.interop.native import ModelFormatError, resolve_model_source
+
+    try:
+        found = resolve_model_source(path)
+    except (ModelFormatError, OSError):
         return path
-    for folder in (root, os.path.join(root, "checkpoints")):
-        pointer = os.path.join(folder, "latest")
-        if os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as f:
-                name = f.read().strip()
-            if name and os.path.basename(name) == name:  # a name inside the folder, nothing that could climb out
-                return os.path.join(folder, name)
-    return path
+    return path if found == Path(path) else str(found)
 
 
 def _run(args: argparse.Namespace, task: str) -> int:

@@ -6,6 +6,11 @@ rename, so a crash mid-save never destroys the previous good copy.
 :func:`load_model` also takes Hugging Face CLIP directories and open_clip checkpoints: the format is recognised by
 content (the config's fields, a weights file's keys), never by file name. Pickled weights (``.bin``/``.pt``) are
 read with ``torch.load(weights_only=True)`` only, so a file that would run code is refused, never executed.
+
+Training outputs load the same way (:func:`resolve_model_source`): a checkpoint directory, single or sharded (a
+sharded one is consolidated into full tensors in this process, see :mod:`vlkit.interop.checkpoint_files`), or a run
+directory / its ``checkpoints/`` folder, meaning its latest complete checkpoint. :func:`save_full_model` writes a
+model directory from any parallel layout; the trainer uses it for ``<output_dir>/model``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,12 +31,22 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlkit import __version__
+from vlkit.interop.checkpoint_files import (
+    CheckpointError,
+    find_checkpoint,
+    is_checkpoint,
+    read_model_state,
+    read_tensors,
+    read_train_state,
+    run_model_config,
+)
 from vlkit.models.factory import create_model, model_config_dict, resolve_model_config
 
 FORMAT = "vlkit"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+RUN_MODEL_DIR = "model"  # where the trainer writes the trained model, inside trainer.output_dir
 # config.json keys naming the tokenizer files a converter copied into the directory (see interop/hf.py).
 TOKENIZER_FILES_KEY = "tokenizer_files"
 
@@ -102,8 +118,12 @@ def write_model_files(model: nn.Module, directory: Path, extra: dict | None = No
     """Write config.json and model.safetensors of ``model`` into an existing directory (no atomicity: callers
     write into :func:`atomic_write_dir`'s temporary directory, possibly with more files next to them)."""
     model = getattr(model, "_orig_mod", model)
-    config = {"format": FORMAT, "vlkit_version": __version__, "model": model_config_dict(model), **(extra or {})}
-    tensors, aliases = _dedupe(clean_state_dict(model))
+    _write_files(model_config_dict(model), clean_state_dict(model), directory, extra)
+
+
+def _write_files(model_config: dict, state: dict[str, torch.Tensor], directory: Path, extra: dict | None) -> None:
+    config = {"format": FORMAT, "vlkit_version": __version__, "model": model_config, **(extra or {})}
+    tensors, aliases = _dedupe(state)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
@@ -124,6 +144,53 @@ def save_converted(model: nn.Module, out: Path, src: Path, files: list[str], con
 def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``model`` (built by :func:`vlkit.create_model`) to directory ``path``; returns the path."""
     atomic_write_dir(Path(path), lambda tmp: write_model_files(model, tmp, extra))
+    return Path(path)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module whose parameter names are the model's own: without DDP's ``module.`` or compile's wrapper."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _has_dtensor(model: nn.Module) -> bool:
+    # No DTensor can exist before its module is imported (and importing it costs seconds).
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and any(isinstance(p, module.DTensor) for p in model.parameters())
+
+
+def save_full_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path | None:
+    """Write the whole of ``model`` as a vlkit model directory, whatever its layout: plain, DDP, ``torch.compile``d,
+    or sharded by FSDP2 / tensor parallel (its DTensors are gathered into full CPU tensors first).
+
+    Collective when ``torch.distributed`` is initialised: every rank calls it (gathering a sharded model is a
+    collective); rank 0 writes (atomically, as :func:`save_model`) and returns the path, the others return None.
+
+    Raises:
+        TypeError: the model was not built by :func:`vlkit.create_model` (no config to write); raised on every rank,
+            before any collective.
+    """
+    import torch.distributed as dist
+
+    inner = _unwrap(model)
+    config = model_config_dict(inner)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if _has_dtensor(inner):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # Every rank takes part in the gather; with cpu_offload only rank 0 keeps the full tensors.
+        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = inner.state_dict() if rank == 0 else {}
+    if rank != 0:
+        return None
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    atomic_write_dir(Path(path), lambda tmp: _write_files(config, state, tmp, extra))
     return Path(path)
 
 
@@ -156,12 +223,7 @@ def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFormatError(f"{path}: {WEIGHTS_FILE} is missing")
-    with safe_open(str(weights), framework="pt", device=str(device)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for alias, name in aliases.items():
-        state[alias] = state[name]
-    return state
+    return read_tensors(weights, device)
 
 
 def _is_safetensors(file: Path) -> bool:
@@ -240,14 +302,44 @@ def _open_clip_api():
     return open_clip
 
 
+def resolve_model_source(path: str | Path) -> Path:
+    """The directory a model path stands for.
+
+    A model or checkpoint directory, or a file, is itself. A run directory (``trainer.output_dir``) or a checkpoints
+    folder stands for its latest complete checkpoint, by the rule the trainer resumes with (the ``latest`` pointer
+    when it names a complete checkpoint, else the newest complete one); a run directory without one, for the model
+    the trainer exported into it (``model/``). Anything else is itself (:func:`detect_format` then says what it is).
+
+    Raises:
+        ModelFormatError: the directory holds checkpoints, none of them complete, and no exported model.
+    """
+    path = Path(path)
+    if not path.is_dir() or is_checkpoint(path):
+        return path
+    if (path / CONFIG_FILE).is_file() or (path / OPEN_CLIP_CONFIG_FILE).is_file():
+        return path
+    exported = path / RUN_MODEL_DIR
+    try:
+        found = find_checkpoint(path)
+    except CheckpointError as e:
+        if (exported / CONFIG_FILE).is_file():
+            return exported
+        raise ModelFormatError(str(e)) from None
+    if found is not None:
+        return found
+    return exported if (exported / CONFIG_FILE).is_file() else path
+
+
 def detect_format(path: str | Path) -> tuple[str, Path]:
     """Which kind of model ``path`` holds, judged by content: ``(kind, where)``.
 
-    kind is ``vlkit`` (config.json with ``format: vlkit``), ``hf`` (a transformers CLIPModel config.json),
-    ``hf_vision`` (a CLIPVisionModel config.json: a vision tower only), ``hf_llama`` (a LlamaForCausalLM config.json),
-    ``llava`` (a LlavaForConditionalGeneration config.json) or ``open_clip`` (open_clip_config.json, or a weights file
-    whose keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to load; a path
-    to a directory's config.json means the directory.
+    kind is ``vlkit`` (config.json with ``format: vlkit``), ``checkpoint`` (a trainer checkpoint directory, single
+    or sharded; a run directory or a checkpoints folder gives its latest complete one, see
+    :func:`resolve_model_source`), ``hf`` (a transformers CLIPModel config.json), ``hf_vision`` (a CLIPVisionModel
+    config.json: a vision tower only), ``hf_llama`` (a LlamaForCausalLM config.json), ``llava`` (a
+    LlavaForConditionalGeneration config.json) or ``open_clip`` (open_clip_config.json, or a weights file whose
+    keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to load; a path to a
+    directory's config.json means the directory.
 
     Raises:
         ModelFormatError: anything else; the message names the path and what was found there.
@@ -261,6 +353,11 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         raise ModelFormatError(f"{path}: no such file or directory")
     if path.is_file() and path.name in (CONFIG_FILE, OPEN_CLIP_CONFIG_FILE):
         return detect_format(path.parent)
+    if is_checkpoint(path):
+        return "checkpoint", path
+    resolved = resolve_model_source(path)
+    if resolved != path:
+        return detect_format(resolved)
     open_clip = _open_clip_api()
     if path.is_dir():
         cfg_file = path / CONFIG_FILE
@@ -349,19 +446,57 @@ def _load_vlkit(path: Path, device: str | torch.device, strict: bool, overrides:
         if str(text.get("tokenizer", "clip")).lower() not in CLIP_NAMES:
             # The tokenizer files travel with the directory: point at them wherever it now lives.
             text["tokenizer"] = str(path.resolve())
-    if config["model"].get("arch") == "neva" and strict and not overrides:
+    return _from_weights(config["model"], load_state_dict(path, device), path, device, strict, overrides)
+
+
+def _from_weights(
+    model_config: dict, state: dict[str, torch.Tensor], where: Path, device: str | torch.device, strict: bool,
+    overrides: dict[str, Any],
+) -> nn.Module:  # fmt: skip
+    if model_config.get("arch") == "neva" and strict and not overrides:
         from vlkit.interop.neva import neva_from_weights
 
         # A NeVA trainer checkpoint may hold only what trained (stage 1: the projector); the config names the rest.
-        return neva_from_weights(config["model"], load_state_dict(path, device), device=device, where=str(path))
+        return neva_from_weights(model_config, state, device=device, where=str(where))
     stored_grid = None
     if overrides:
-        stored_grid = resolve_model_config(config["model"]).vision.grid_size
-    model = create_model(config["model"], device=device, **overrides)
-    state = load_state_dict(path, device)
+        stored_grid = resolve_model_config(model_config).vision.grid_size
+    model = create_model(model_config, device=device, **overrides)
     fit_pos_embed(state, model, stored_grid)
-    load_weights(model, state, path, strict)
+    load_weights(model, state, where, strict)
     return model
+
+
+def _load_checkpoint(path: Path, device: str | torch.device, strict: bool, overrides: dict[str, Any]) -> nn.Module:
+    """A trainer checkpoint as a model: the architecture from its ``config.json`` (or, in checkpoints that lack one,
+    the run config in ``train_state.json``), the weights consolidated into full tensors (sharded ones too)."""
+    try:
+        info = read_train_state(path)
+        model_config = read_config(path)["model"] if (path / CONFIG_FILE).is_file() else run_model_config(info)
+        if model_config is None:
+            raise ModelFormatError(
+                f"{path}: the checkpoint names no architecture (no {CONFIG_FILE}, no model config in its train state); "
+                "was the model built by vlkit.create_model?"
+            )
+        partial = bool(info.get("partial_model"))
+        if partial and (model_config.get("arch") != "neva" or overrides or not strict):
+            raise ModelFormatError(
+                f"{path}: holds part of the model only (partial_model: true), which cannot be made into a whole "
+                f"model here; load the run's exported model directory ({RUN_MODEL_DIR}/ in trainer.output_dir)"
+            )
+        state = read_model_state(path, info)
+    except CheckpointError as e:
+        raise ModelFormatError(str(e)) from None
+    try:
+        return _from_weights(model_config, state, path, device, strict, overrides)
+    except FileNotFoundError as e:
+        if not partial:
+            raise
+        raise ModelFormatError(
+            f"{path}: holds part of the model only (NeVA's stage 1 saves what trained), and the rest cannot be read "
+            f"from where its config names it: {e}. The run's exported model directory ({RUN_MODEL_DIR}/ in "
+            "trainer.output_dir) holds the whole model"
+        ) from None
 
 
 def load_model(
@@ -370,7 +505,9 @@ def load_model(
     """Build the model a directory or checkpoint describes and load its weights; the format is recognised by content.
 
     Takes a vlkit directory, a Hugging Face ``CLIPModel``, ``LlamaForCausalLM`` or ``LlavaForConditionalGeneration``
-    directory (the last gives a NeVA model), or an open_clip directory / checkpoint file (see :func:`detect_format`).
+    directory (the last gives a NeVA model), or an open_clip directory / checkpoint file (see :func:`detect_format`);
+    and what training leaves: a checkpoint directory (single or sharded, consolidated in this process without a
+    process group), or a run directory / its ``checkpoints/`` folder for its latest complete checkpoint.
     Overrides change the model config before loading, e.g. ``vision__img_h=512, vision__img_w=512`` to fine-tune at a
     higher resolution: position embeddings are resampled to the new grid.
 
@@ -380,6 +517,8 @@ def load_model(
     kind, where = detect_format(path)
     if kind == "vlkit":
         return _load_vlkit(where, device, strict, overrides)
+    if kind == "checkpoint":
+        return _load_checkpoint(where, device, strict, overrides)
     if kind == "hf":
         from vlkit.interop.hf import load_hf
 

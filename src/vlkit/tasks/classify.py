@@ -269,22 +269,10 @@ class ClassifyTask(Task):
 
     def export(self, model: nn.Module, path: Path) -> None:
         """Write ``model`` as a vlkit model directory with the class names (collective when sharded)."""
-        from vlkit.eval.common import is_sharded, unwrap
-        from vlkit.interop.native import save_model
+        from vlkit.interop.native import save_full_model
 
-        inner = unwrap(model)
-        if is_sharded(inner):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.dist.is_main:
-                return
-            plain = create_model(inner.config)
-            plain.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in full.items()})
-            inner = plain
-        if not self.dist.is_main:
+        if save_full_model(model, path) is None:  # not the writing rank
             return
-        save_model(inner, path)
         if self.classes is not None:
             from vlkit.data.imagefolder import write_class_index
 

@@ -7,7 +7,12 @@ Layout of a checkpoint directory ``DIR/step_{step:08d}/``:
   ``vlkit.create_model``), ``optimizer.safetensors`` (every tensor of ``optimizer.state_dict()`` under its path,
   e.g. ``state.3.exp_avg``), ``rng_rank{r:05d}.json`` per rank and ``train_state.json``;
 - sharded (FSDP2 / tensor parallel): ``torch.distributed.checkpoint`` files (``.metadata`` + ``__*.distcp``) holding
-  the model and optimizer tensors, ``rng_rank{r:05d}.json`` written by each rank, and ``train_state.json``.
+  the model and optimizer tensors, ``rng_rank{r:05d}.json`` written by each rank, ``config.json`` (as above) and
+  ``train_state.json``.
+
+Either format is also a model: ``vlkit.load_model`` consolidates a sharded one into full tensors in one process
+(:mod:`vlkit.interop.checkpoint_files`, which holds the reading side of this format: the marker and completeness
+check, the ``latest`` rule and the vetted DCP reader).
 
 A run may save part of its model (``model_keys``: NeVA's stage 1 writes the projector, not the frozen pretrained
 towers its config names); ``train_state.json`` then says ``"partial_model": true`` and loading needs the same keys.
@@ -32,31 +37,42 @@ read with ``torch.load(weights_only=False)`` (non-tensor "bytes" items, which we
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import enum
-import importlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import sys
 import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from vlkit import __version__
-from vlkit.interop.native import CONFIG_FILE, WEIGHTS_FILE, _dedupe, _fsync_dir, atomic_write_dir, clean_state_dict
+from vlkit.interop.checkpoint_files import (
+    FORMAT,
+    LATEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    VERSION,
+    CheckpointError,
+    complete_checkpoints,
+    decode_state,
+    encode_state,
+    is_complete,
+    latest_checkpoint,
+    read_pointer,
+    read_tensors,
+    read_train_state,
+    safe_reader,
+    single_process_dcp_ok,
+    tensor_only_planner,
+)
+from vlkit.interop.native import CONFIG_FILE, _dedupe, _fsync_dir, atomic_write_dir, clean_state_dict
 from vlkit.interop.native import FORMAT as MODEL_FORMAT
 from vlkit.train.rng import capture_rng_state, restore_rng_state
 
@@ -64,80 +80,15 @@ __all__ = ["CheckpointError", "CheckpointManager", "capture_rng_state", "restore
 
 log = logging.getLogger(__name__)
 
-FORMAT = "vlkit-checkpoint"
-VERSION = 1
-STATE_FILE = "train_state.json"
-MODEL_FILE = WEIGHTS_FILE
 OPTIM_FILE = "optimizer.safetensors"
 EXTRA_FILE = "extra.safetensors"
-LATEST_FILE = "latest"
-_STEP_DIR = re.compile(r"step_(\d{8,})")
 # Leftovers of interrupted saves/prunes: atomic_write_dir's ".NAME.tmp-*" / ".NAME.old-PID", our staging and
 # deletion directories, and the pointer's temporary file.
 _LEFTOVER = re.compile(r"\.(step_\d{8,})\.(tmp-.*|old-\d+|partial|deleting)|\.latest\.tmp-\d+")
-_MARKERS = ("__tensor__", "__tuple__", "__items__")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is incomplete, foreign or does not fit the model; the message names the file or parameter."""
 
 
 def _rng_file(rank: int) -> str:
     return f"rng_rank{rank:05d}.json"
-
-
-# --------------------------------------------------------------------------- exact JSON encoding of state dicts
-
-
-def _encode(obj: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of ``obj``; tensors are moved into ``tensors`` under their dotted path."""
-    where = ".".join(path)
-    if isinstance(obj, torch.Tensor):
-        if where in tensors:
-            raise CheckpointError(f"two tensors would be stored as {where!r} (keys 1 and '1' in one dict?)")
-        tensors[where] = obj
-        return {"__tensor__": where}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, [*path, str(i)], tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, [*path, str(i)], tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and not any(k in _MARKERS for k in obj):
-            return {k: _encode(v, [*path, k], tensors) for k, v in obj.items()}
-        items = []
-        for k, v in obj.items():
-            no_tensors: dict[str, torch.Tensor] = {}
-            key = _encode(k, [*path, "<key>"], no_tensors)
-            if no_tensors:
-                raise CheckpointError(f"{where or '<root>'}: tensor used as a dict key cannot be stored")
-            items.append([key, _encode(v, [*path, str(k)], tensors)])
-        return {"__items__": items}
-    raise CheckpointError(
-        f"{where or '<root>'}: a {type(obj).__name__} cannot be stored in a checkpoint "
-        "(only tensors, numbers, strings, None, lists, tuples and dicts; nothing is pickled)"
-    )
-
-
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if len(obj) == 1:
-        ((tag, value),) = obj.items()
-        if tag == "__tensor__":
-            if value not in tensors:
-                raise CheckpointError(f"tensor {value!r} is referenced by {STATE_FILE} but missing from the files")
-            return tensors[value]
-        if tag == "__tuple__":
-            return tuple(_decode(v, tensors) for v in value)
-        if tag == "__items__":
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
-    return {k: _decode(v, tensors) for k, v in obj.items()}
 
 
 # --------------------------------------------------------------------------- small file helpers
@@ -148,52 +99,11 @@ def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     save_file(unique, str(file), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for alias, name in aliases.items():
-        out[alias] = out[name]
-    return out
-
-
 def _write_synced(file: Path, text: str) -> None:
     with open(file, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _read_train_state(path: Path) -> dict:
-    """``train_state.json`` of a checkpoint, after checking every file it lists is present at its size."""
-    state_file = path / STATE_FILE
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not state_file.is_file():
-        raise CheckpointError(f"{path}: {STATE_FILE} is missing (not a complete vlkit checkpoint)")
-    try:
-        info = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{state_file}: not valid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"{state_file}: not a vlkit checkpoint (format={info.get('format')!r})")
-    if info.get("version", 0) > VERSION:
-        raise CheckpointError(f"{state_file}: checkpoint version {info['version']} is newer than this vlkit's")
-    for name, size in info.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, {size} expected (truncated?)")
-    return info
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        _read_train_state(path)
-    except (CheckpointError, OSError):
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- models, wrappers and DTensors
@@ -297,81 +207,10 @@ def _model_config(model: nn.Module) -> dict | None:
         return None
 
 
-# --------------------------------------------------------------------------- DCP without unrestricted unpickling
-
-
-_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP's ``.metadata`` is made of: its own dataclasses and enums, torch sizes/dtypes, paths."""
-
-    _ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "PureWindowsPath"),
-        ("torch.serialization", "_get_layout"),
-        ("torch", "Size"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return getattr(importlib.import_module(module), name)
-        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_ENUMS):
-            return getattr(torch, name)
-        # Only modules DCP has already imported: the pickle must not be able to trigger imports.
-        if module.startswith("torch.distributed.checkpoint") and module in sys.modules:
-            obj = getattr(sys.modules[module], name, None)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
-
-
-def _safe_reader(path: Path):
-    """A DCP FileSystemReader that vets ``.metadata`` before DCP unpickles it (version-independent: DCP's own
-    ``read_metadata`` signature changed across releases, so the check runs first and then defers to it)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            for file in sorted(Path(path).glob("*.metadata")) + sorted(Path(path).glob(".metadata")):
-                with open(file, "rb") as f:
-                    try:
-                        metadata = _MetadataUnpickler(f).load()
-                    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-                        raise CheckpointError(f"{file}: not a DCP metadata file vlkit will read ({e})") from None
-                if not isinstance(metadata, Metadata):
-                    raise CheckpointError(f"{file}: holds a {type(metadata).__name__}, not DCP metadata")
-                bad = [k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
-                if bad:
-                    # DCP reads non-tensor entries with torch.load(weights_only=False); vlkit never writes any.
-                    raise CheckpointError(f"{file}: non-tensor entries {bad[:5]} refused (they would be unpickled)")
-            return super().read_metadata(*args, **kwargs)
-
-    return SafeReader(str(path))
-
-
-def _tensor_only_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class TensorOnlyLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item: Any, value: Any) -> None:
-            raise CheckpointError(f"refusing to unpickle non-tensor checkpoint entry {read_item.dest_index.fqn!r}")
-
-    return TensorOnlyLoadPlanner()
-
-
-@contextlib.contextmanager
-def _single_process_dcp_ok():
-    """DCP warns when used without a process group; here that is deliberate (the sharded format in one process)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.distributed is .*(unavailable|uninitialized)")
-        yield
+def _write_model_config(directory: Path, config: dict) -> None:
+    """The ``config.json`` of a vlkit model directory, so that a checkpoint names its architecture."""
+    model_dir = {"format": MODEL_FORMAT, "vlkit_version": __version__, "model": config}
+    (directory / CONFIG_FILE).write_text(json.dumps(model_dir, indent=2))
 
 
 # --------------------------------------------------------------------------- the manager
@@ -404,33 +243,15 @@ class CheckpointManager:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints in the directory, oldest step first."""
-        if not self.directory.is_dir():
-            return []
-        found = []
-        for p in self.directory.iterdir():
-            m = _STEP_DIR.fullmatch(p.name)
-            if m and p.is_dir() and _is_complete(p):
-                found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        return complete_checkpoints(self.directory)
 
     def _pointer(self) -> str | None:
-        try:
-            name = (self.directory / LATEST_FILE).read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            return None
-        return name if _STEP_DIR.fullmatch(name) else None
+        return read_pointer(self.directory)
 
     def latest(self) -> Path | None:
-        """The checkpoint ``latest`` names; if that is missing or incomplete, the newest complete one; else None."""
-        name = self._pointer()
-        if name is not None:
-            path = self.directory / name
-            if _is_complete(path):
-                return path
-            pointer = self.directory / LATEST_FILE
-            log.warning("%s names %s, which is missing or incomplete; using the newest complete one", pointer, name)
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """The checkpoint ``latest`` names; if that is missing or incomplete, the newest complete one; else None
+        (the rule every model loader follows too: :func:`vlkit.interop.checkpoint_files.latest_checkpoint`)."""
+        return latest_checkpoint(self.directory)
 
     def _resolve(self, path: str | Path | None) -> Path:
         if path is None or str(path) == "latest":
@@ -536,8 +357,8 @@ class CheckpointManager:
             "world_size": self.world_size,
             "vlkit_version": __version__,
             "torch_version": torch.__version__,
-            "scheduler": _encode(scheduler.state_dict(), ["scheduler"], extra) if scheduler is not None else None,
-            "state": _encode(dict(state or {}), ["state"], extra),
+            "scheduler": encode_state(scheduler.state_dict(), ["scheduler"], extra) if scheduler is not None else None,
+            "state": encode_state(dict(state or {}), ["state"], extra),
             "partial_model": model_keys is not None,
         }
         json.dumps(info)
@@ -573,7 +394,7 @@ class CheckpointManager:
         if self.rank == 0:
             try:
                 optim_tensors: dict[str, torch.Tensor] = {}
-                info["optimizer"] = _encode(osd, [], optim_tensors) if osd is not None else None
+                info["optimizer"] = encode_state(osd, [], optim_tensors) if osd is not None else None
                 info["param_names"] = names
                 config = _model_config(model)
 
@@ -584,8 +405,7 @@ class CheckpointManager:
                     if extra:
                         _save_tensors(extra, tmp / EXTRA_FILE)
                     if config is not None:
-                        model_dir = {"format": MODEL_FORMAT, "vlkit_version": __version__, "model": config}
-                        (tmp / CONFIG_FILE).write_text(json.dumps(model_dir, indent=2))
+                        _write_model_config(tmp, config)
                     for r, s in enumerate(rngs):
                         (tmp / _rng_file(r)).write_text(json.dumps(s))
                     self._write_state(tmp, info)
@@ -603,10 +423,12 @@ class CheckpointManager:
         flat: dict[str, torch.Tensor] = {}
         if _has_state(optimizer):
             msd, osd = get_state_dict(model, optimizer)
-            optim_skeleton = _encode(osd, ["optim"], flat)
+            optim_skeleton = encode_state(osd, ["optim"], flat)
         else:
             msd = get_model_state_dict(model)
-            optim_skeleton = _encode(optimizer.state_dict(), ["optimizer"], extra) if optimizer is not None else None
+            optim_skeleton = None
+            if optimizer is not None:
+                optim_skeleton = encode_state(optimizer.state_dict(), ["optimizer"], extra)
         for k, v in _select(msd, keys).items():
             if not isinstance(v, torch.Tensor):
                 raise CheckpointError(f"model state {k!r} is a {type(v).__name__}; only tensors can be sharded")
@@ -622,7 +444,7 @@ class CheckpointManager:
                 error = e
         self._collective(error is None, error, f"preparing {staging}")
 
-        with _single_process_dcp_ok():
+        with single_process_dcp_ok():
             dcp.save(flat, storage_writer=dcp.FileSystemWriter(str(staging)))
         try:
             _write_synced(staging / _rng_file(self.rank), json.dumps(rng))
@@ -634,6 +456,7 @@ class CheckpointManager:
             try:
                 info["optimizer"] = optim_skeleton
                 info["param_names"] = None
+                config = _model_config(model)
 
                 def adopt(tmp: Path) -> None:
                     # Shards were written by every rank into `staging`; moving them keeps the one rename that
@@ -642,6 +465,8 @@ class CheckpointManager:
                         os.replace(f, tmp / f.name)
                     if extra:
                         _save_tensors(extra, tmp / EXTRA_FILE)
+                    if config is not None:  # the architecture, so the checkpoint loads as a model on its own
+                        _write_model_config(tmp, config)
                     self._write_state(tmp, info)
 
                 atomic_write_dir(target, adopt)
@@ -684,7 +509,7 @@ class CheckpointManager:
             m = _LEFTOVER.fullmatch(p.name)
             if m is None:
                 continue
-            if m.group(2) and m.group(2).startswith("old-") and not _is_complete(self.directory / m.group(1)):
+            if m.group(2) and m.group(2).startswith("old-") and not is_complete(self.directory / m.group(1)):
                 continue  # the only copy of a checkpoint whose re-save was interrupted between two renames
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
@@ -725,7 +550,7 @@ class CheckpointManager:
                 model (naming the parameter).
         """
         path = self._resolve(path)
-        info = _read_train_state(path)
+        info = read_train_state(path)
         self._distributed()
         target_model = _unwrap(model)
         if optimizer is not None and info.get("optimizer") is None:
@@ -738,7 +563,7 @@ class CheckpointManager:
                 "resume it with the same run config, or load it as a model with vlkit.load_model"
             )
         keys = None if model_keys is None else set(model_keys)
-        extra = _read_tensors(path / EXTRA_FILE) if EXTRA_FILE in info["files"] else {}
+        extra = read_tensors(path / EXTRA_FILE) if EXTRA_FILE in info["files"] else {}
         if optimizer is not None:
             _check_optimizer_fits(path, info.get("param_names"), _param_names(target_model, optimizer))
         stateless = None
@@ -750,19 +575,19 @@ class CheckpointManager:
         else:
             self._load_single(path, info, target_model, optimizer, keys)
         if stateless is not None:
-            tensors = _read_tensors(path / OPTIM_FILE) if OPTIM_FILE in info["files"] else {}
-            stateless.load_state_dict(_decode(info["optimizer"], {**extra, **tensors}))
+            tensors = read_tensors(path / OPTIM_FILE) if OPTIM_FILE in info["files"] else {}
+            stateless.load_state_dict(decode_state(info["optimizer"], {**extra, **tensors}))
         if scheduler is not None:
-            scheduler.load_state_dict(_decode(info["scheduler"], extra))
+            scheduler.load_state_dict(decode_state(info["scheduler"], extra))
         rng_file = path / _rng_file(self.rank)
         if rng_file.is_file():
             restore_rng_state(json.loads(rng_file.read_text()))
         else:
             warnings.warn(f"{path}: no RNG state for rank {self.rank}; random streams will differ", stacklevel=2)
-        return _decode(info["state"], extra)
+        return decode_state(info["state"], extra)
 
     def _load_single(self, path: Path, info: dict, model: nn.Module, optimizer, keys: set[str] | None) -> None:
-        weights = _select(_read_tensors(path / MODEL_FILE), keys)
+        weights = _select(read_tensors(path / MODEL_FILE), keys)
         current = model.state_dict()
         clean_to_actual = _select({k.replace("_orig_mod.", ""): k for k in current}, keys)
         _check_model_fits(
@@ -770,7 +595,7 @@ class CheckpointManager:
         )
         osd = None
         if optimizer is not None:
-            osd = _decode(info["optimizer"], _read_tensors(path / OPTIM_FILE))
+            osd = decode_state(info["optimizer"], read_tensors(path / OPTIM_FILE))
         if _has_dtensor(model):
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -797,7 +622,7 @@ class CheckpointManager:
             set_state_dict,
         )
 
-        reader = _safe_reader(path)
+        reader = safe_reader(path)
         saved = reader.read_metadata().state_dict_metadata
         if optimizer is not None:
             msd, osd = get_state_dict(model, optimizer)
@@ -808,16 +633,16 @@ class CheckpointManager:
         _check_model_fits(path, saved_model, {k: v.shape for k, v in msd.items()})
         flat = {f"model.{k}": v for k, v in msd.items()}
         if osd is not None:
-            _encode(osd, ["optim"], flat)
+            encode_state(osd, ["optim"], flat)
             missing = sorted(k for k in flat if k not in saved)
             if missing:
                 raise CheckpointError(f"{path}: optimizer state missing from the checkpoint: {missing[:5]}")
-        with _single_process_dcp_ok():
+        with single_process_dcp_ok():
             # DCP copies into `flat`'s tensors in place: the (sharded) parameters and optimizer state themselves.
-            dcp.load(flat, storage_reader=reader, planner=_tensor_only_planner())
+            dcp.load(flat, storage_reader=reader, planner=tensor_only_planner())
         options = StateDictOptions(strict=keys is None)
         if osd is None:
             set_model_state_dict(model, msd, options=options)
             return
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=_decode(info["optimizer"], flat),
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=decode_state(info["optimizer"], flat),
                        options=options)  # fmt: skip
