@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             f"trainer.accelerator={args.device}",
             "trainer.checkpoint.every_n_steps=0",
             "trainer.checkpoint.keep_last=1",
+            "trainer.overwrite=true",  # a second demo into the same --out replaces the first (see run_demo)
             *([f"trainer.max_steps={args.steps}"] if args.steps is not None else []),
             *args.overrides,
         ],
@@ -78,6 +80,9 @@ def run_demo(cfg: Any, out: Path, val_samples: int = 1000) -> dict:
         )
     t_data = time.perf_counter()
     trainer = Trainer(cfg, CLIPTask)
+    for place, aside in trainer.run_lock.moved:
+        if place == out / "run":  # the previous demo's run, moved aside by trainer.overwrite: replaced like its report
+            shutil.rmtree(aside, ignore_errors=True)
     history = trainer.fit()
     t_train = time.perf_counter()
     model = trainer._inner_model().eval()

@@ -251,6 +251,9 @@ class CheckpointConfig:
     every_n_steps: int = 0  # 0: only at the end
     keep_last: int = 2
     resume: Optional[str] = None  # a checkpoint directory, or "auto" for the latest under dir
+    # Start a new run (step 0, fresh optimizer, schedule and data position) from the resumed checkpoint's weights
+    # only: a config that changes more than hyper-parameters may then differ from the checkpoint's.
+    weights_only: bool = False
 
 
 @dataclass
@@ -280,6 +283,9 @@ class TrainerConfig:
     num_nodes: int = 1
     accelerator: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs/${name}"
+    # A fresh run into an output_dir that holds another run moves that run aside (to <output_dir>.old-<time>).
+    overwrite: bool = False
+    save_model: bool = True  # at the end, write the whole trained model to <output_dir>/model (any parallel layout)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

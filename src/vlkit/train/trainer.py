@@ -4,6 +4,7 @@ parallelism, precision, accumulation, gradient cache, clipping, NaN handling, ch
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 import warnings
@@ -15,13 +16,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlkit.config import ConfigError
 from vlkit.config.schema import Config
-from vlkit.parallel import ParallelPlan, build_mesh, init_distributed, parallelize
+from vlkit.parallel import ParallelPlan, build_mesh, data_parallel_of, init_distributed, parallelize
 from vlkit.parallel.dist import DistInfo
+from vlkit.parallel.grad_norm import clip_grad_norm_
 from vlkit.tasks.base import Batch, Task, to_device
-from vlkit.train.checkpoint import CheckpointManager
+from vlkit.train.checkpoint import CheckpointError, CheckpointManager
+from vlkit.train.loss_scale import LossScaler
 from vlkit.train.metrics import MetricSinks, Throughput, device_peak_flops, format_line
 from vlkit.train.optim import build_optimizer, build_scheduler
+from vlkit.train.resume_config import apply_hyperparameters, plan_resume
+from vlkit.train.rng import capture_rng_state, restore_rng_state
+from vlkit.train.run_dir import claim_output_dir
 
 log = logging.getLogger("vlkit.train")
 
@@ -82,12 +89,17 @@ class Trainer:
         tcfg = cfg.trainer
         needs_group = cfg.parallel.tensor_parallel_size > 1 or cfg.parallel.data_parallel == "fsdp" or tcfg.amp_O2
         self.dist = dist_info or init_distributed(tcfg.accelerator, tcfg.collective_timeout_s, force=needs_group)
+        # Before anything heavy: does the checkpoint to resume fit this config, and is the output directory ours?
+        self.resume_plan = plan_resume(cfg, self.dist.rank, self.dist.world_size)
+        self.run_lock = claim_output_dir(cfg, self.dist.rank, self.dist.world_size)
+        if self.resume_plan is not None:  # trainer.overwrite may have moved it aside, with the old run
+            self.resume_plan.path = self.run_lock.relocate(self.resume_plan.path)
         self.device = self.dist.device
         torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
         self.mesh = build_mesh(self.device, cfg.parallel.tensor_parallel_size)
-        self.dp_size = self.mesh["dp"].size() if self.mesh is not None else 1
-        dp_group = self.mesh["dp"].get_group() if self.mesh is not None and self.mesh["tp"].size() > 1 else None
-        self.task = task_cls(cfg, self.dist, dp_group)
+        self.dp = data_parallel_of(self.mesh)  # what every loader shards the data by (tensor-parallel peers: alike)
+        self.dp_size = self.dp.size
+        self.task = task_cls(cfg, self.dist, self.dp)
         model = self.task.build_model()
         self.task.prepare_model(model)
         self.model, self.plan = parallelize(model, cfg, self.mesh, self.device)
@@ -106,6 +118,7 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.history: list[dict[str, Any]] = []
+        self.scaler = LossScaler(tcfg.precision == "fp16")  # fp16 gradients underflow unscaled (O1 and O2 alike)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -120,6 +133,8 @@ class Trainer:
         task_state = self.task.state_dict()  # e.g. the classify task's weight average (collective when sharded)
         if task_state:
             state["task"] = task_state
+        if self.scaler.enabled:  # fp16's dynamic loss scale: a resumed run goes on with the scale it had
+            state["loss_scale"] = self.scaler.state_dict()
         return state
 
     def save(self) -> Path:
@@ -127,12 +142,49 @@ class Trainer:
         return self.ckpt.save(self.step, self._inner_model(), self.optimizer, self.scheduler, state=self._state(),
                               model_keys=keys)  # fmt: skip
 
-    def resume(self, path: str | None) -> bool:
-        """Load ``path`` ("latest"/"auto" for the newest); False when there is nothing to resume from."""
-        if path in ("latest", "auto") and self.ckpt.latest() is None:
+    def export_model(self) -> Path | None:
+        """Write the whole trained model as a vlkit model directory, ``<output_dir>/model``, from any layout (a
+        sharded model is gathered: collective), unless ``trainer.save_model`` is false. Checkpoints may be sharded or
+        partial (NeVA stage 1); this directory is the model alone, usable by every ``--model`` and
+        ``model.init_from``. Rank 0 writes and returns the path; other ranks return None."""
+        if not self.cfg.trainer.save_model:
+            return None
+        from vlkit.interop.native import RUN_MODEL_DIR, save_full_model
+
+        path = save_full_model(self._inner_model(), self.out_dir / RUN_MODEL_DIR, extra={"step": self.step})
+        if path is not None:
+            from tqdm import tqdm
+
+            tqdm.write(f"model written to {path}")  # the progress bar may still be on screen
+        return path
+
+    def resume(self, path: str | None = None) -> bool:
+        """Load the checkpoint ``trainer.checkpoint.resume`` names (``path``: another one, "latest"/"auto" for the
+        newest); False when there is nothing to resume from.
+
+        Changed hyper-parameters take effect from the checkpoint's step (the schedule rebuilt at that step); with
+        ``trainer.checkpoint.weights_only`` only the model weights are loaded and the run starts at step 0."""
+        plan = self.resume_plan
+        if path is not None and path != self.cfg.trainer.checkpoint.resume:
+            cfg = copy.deepcopy(self.cfg)
+            cfg.trainer.checkpoint.resume = path
+            plan = plan_resume(cfg, self.dist.rank, self.dist.world_size)
+        if plan is None:
             return False
-        state = self.ckpt.load(None if path in ("latest", "auto") else path, self._inner_model(), self.optimizer,
-                               self.scheduler, model_keys=self.task.checkpoint_keys(self._inner_model()))  # fmt: skip
+        keys = self.task.checkpoint_keys(self._inner_model())
+        if plan.weights_only:
+            # A new run: its own random streams (the checkpoint's RNG states are restored by load), optimizer,
+            # schedule and data position.
+            rng = capture_rng_state()
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*no RNG state for rank")
+                    self.ckpt.load(plan.path, self._inner_model(), model_keys=keys)
+            except CheckpointError as e:
+                raise ConfigError(f"trainer.checkpoint.weights_only: {e}") from None
+            restore_rng_state(rng)
+            return True
+        state = self.ckpt.load(plan.path, self._inner_model(), self.optimizer, self.scheduler, model_keys=keys)
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         if "data" in state and hasattr(self.loader, "load_state_dict"):
@@ -145,6 +197,10 @@ class Trainer:
             self.loader.load_state_dict(positions[self.dist.rank])
         if "task" in state:
             self.task.load_state_dict(state["task"])
+        if "loss_scale" in state:
+            self.scaler.load_state_dict(state["loss_scale"])
+        if plan.hyperparameters:
+            self.scheduler = apply_hyperparameters(self.model, self.optimizer, self.cfg, self.step)
         return True
 
     def _inner_model(self) -> nn.Module:
@@ -174,7 +230,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             with _no_sync(self.model, self.plan, sync=i == len(batches) - 1), self._autocast():
                 loss, metrics = self.task.loss(self.model, batch)
-                (loss / len(batches)).backward()
+                self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach() / len(batches)
         return total, metrics
 
@@ -211,25 +267,25 @@ class Trainer:
                     for k in keys
                     if grads[k] is not None
                 )
-                surrogate.backward()
+                # The loss over the cached features ran in fp32; only this backward goes through the fp16 model.
+                self.scaler.scale(surrogate).backward()
             offset += n
         return loss.detach(), metrics
 
-    def _clip_and_check(self, loss: torch.Tensor) -> tuple[bool, float | None]:
-        """Clip the gradient norm; decide on all ranks together whether the step is finite."""
-        grad_norm = None
-        clip = self.cfg.trainer.gradient_clip_val
+    def _clip_and_check(self, loss: torch.Tensor) -> tuple[bool, bool, float]:
+        """Unscale, measure (and clip) the global gradient norm; decide on all ranks together whether the loss and
+        the gradients are finite. Returns (loss finite, gradients finite, norm)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        finite = torch.isfinite(loss.detach().float()).reshape(1).float()
-        if grad_norm is not None:
-            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            finite = finite * torch.isfinite(gn.float()).float()
-            grad_norm = float(gn)
+        self.scaler.unscale_(params)
+        # Always measured (the grad_norm metric): one foreach pass and one scalar all-reduce, on any mix of meshes.
+        norm = clip_grad_norm_(params, self.cfg.trainer.gradient_clip_val)
+        # The norm is the same on every rank; the loss may not be (a rank's own micro-batches).
+        flags = torch.stack([torch.isfinite(loss.detach().float()).reshape(()), torch.isfinite(norm.to(loss.device))])
+        flags = flags.float()
         if dist.is_initialized() and self.dist.world_size > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item()), grad_norm
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        loss_ok, grads_ok = (bool(f) for f in flags.tolist())
+        return loss_ok, grads_ok, float(norm)
 
     def train_step(self, batches: list[Batch]) -> dict[str, float]:
         self.task.set_train_mode(self.model)
@@ -238,22 +294,31 @@ class Trainer:
             loss, metrics = self._gradient_cache(batches)
         else:
             loss, metrics = self._accumulate(batches)
-        ok, grad_norm = self._clip_and_check(loss)
-        if ok:
+        loss_ok, grads_ok, grad_norm = self._clip_and_check(loss)
+        if loss_ok and grads_ok:
             self.optimizer.step()
             self.task.after_optimizer_step(self._inner_model())
             self.nonfinite_in_row = 0
         else:
-            self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-            log.warning(
-                "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_row
-            )
+            # An fp16 overflow (finite loss, overflowed gradients) is expected while the loss scale looks for its
+            # level: skipped and counted, but not toward the abort as long as the scale is above 1. Overflowing at a
+            # scale of 1 or less means the unscaled gradients overflow fp16: that, and a NaN loss, are real trouble.
+            overflow = self.scaler.enabled and loss_ok and self.scaler.get_scale() > 1.0
+            if overflow:
+                log.info("step %d: fp16 gradients overflowed at loss scale %g, step skipped", self.step,
+                         self.scaler.get_scale())  # fmt: skip
+            else:
+                self.nonfinite_in_row += 1
+                log.warning(
+                    "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.nonfinite_in_row
+                )
             if self.nonfinite_in_row >= self.cfg.trainer.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_row} non-finite steps in a row (trainer.max_nonfinite_steps): lower the lr, "
                     "enable gradient clipping or check the data"
                 )
+        self.scaler.update(overflow=not grads_ok)  # the same decision on every rank, so the scales stay equal
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # The schedule follows steps taken, skipped or not, so a resumed run stays aligned; torch warns when
@@ -265,10 +330,28 @@ class Trainer:
             t = torch.tensor([loss_value], device=self.device)
             dist.all_reduce(t)
             loss_value = float(t) / self.dist.world_size
-        out = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0], **metrics}
-        if grad_norm is not None:
-            out["grad_norm"] = grad_norm
+        out = {"loss": loss_value, "lr": self.scheduler.get_last_lr()[0], **metrics, "grad_norm": grad_norm}
+        if self.scaler.enabled:
+            out["loss_scale"] = self.scaler.get_scale()  # after this step's update: the next step's scale
         out["nonfinite_steps"] = self.nonfinite_total
+        return out
+
+    def _data_counters(self) -> dict[str, float]:
+        """Skipped / repaired samples of the whole run so far, summed over the data-parallel ranks (tensor-parallel
+        peers read the same samples: counted once): totals and one entry per reason. Collective."""
+        mine = self.task.data_counters(self.loader)
+        every = [mine]
+        if self.dp.size > 1:
+            every = [None] * self.dp.size
+            dist.all_gather_object(every, mine, group=self.dp.group)
+        out: dict[str, float] = {}
+        for kind in ("skipped", "repaired"):
+            total = 0
+            for counts in every:
+                for reason, n in counts.get(kind, {}).items():
+                    out[f"{kind}/{reason}"] = out.get(f"{kind}/{reason}", 0) + n
+                    total += n
+            out[f"{kind}_samples"] = total
         return out
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -285,8 +368,8 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         tcfg = self.cfg.trainer
         if tcfg.checkpoint.resume:
-            resumed = self.resume(tcfg.checkpoint.resume)
-            if self.dist.is_main:
+            resumed = self.resume()
+            if self.dist.is_main and not tcfg.checkpoint.weights_only:  # a new run: plan_resume said whence
                 print(f"resumed from step {self.step}" if resumed else "no checkpoint to resume from: starting fresh")
         meter = Throughput(device_peak_flops(self.device, tcfg.peak_tflops), self.dist.world_size)
         sinks = MetricSinks(self.out_dir, self.dist.is_main, tcfg.logging.jsonl, tcfg.logging.tensorboard)
@@ -306,8 +389,7 @@ class Trainer:
                     metrics.update(meter.summary())
                     if self.device.type == "cuda":
                         metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-                    skipped = self.task.skipped_samples(self.loader)
-                    metrics["skipped_samples"] = sum(skipped.values())
+                    metrics.update(self._data_counters())
                     sinks.log(self.step, metrics)
                     self.history.append({"step": self.step, **metrics})
                     if self.dist.is_main:
@@ -326,10 +408,12 @@ class Trainer:
                 if every_ckpt and self.step % every_ckpt == 0 and self.step < tcfg.max_steps:
                     self.save()
             self.save()
+            self.export_model()
         finally:
             if bar is not None:
                 bar.close()
             sinks.close()
+            self.run_lock.release()
         return self.history
 
 
