@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
@@ -11,6 +10,7 @@ from vlkit.config import load_config
 from vlkit.interop.native import ModelFormatError
 from vlkit.interop.neva import build_neva_model, load_adapter
 from vlkit.models.neva import trainable_state_dict
+from vlkit.train.checkpoint import CheckpointManager
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,10 +93,8 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path):
     stage1, _ = build_neva_model(load_config("neva-tiny", ["model.mm_cfg.llm.freeze=true"]).model)
     state = trainable_state_dict(stage1)
     assert sorted(state) == ["projector.0.bias", "projector.0.weight", "projector.2.bias", "projector.2.weight"]
-    step = tmp_path / "checkpoints" / "step_00000010"  # a trainer's layout: checkpoints/latest names the newest
-    step.mkdir(parents=True)
-    save_file(state, str(step / "model.safetensors"))
-    (tmp_path / "checkpoints" / "latest").write_text("step_00000010\n")
+    # A trainer's checkpoints folder (latest names the newest complete one), holding the projector alone.
+    CheckpointManager(tmp_path / "checkpoints").save(10, stage1, None, model_keys=set(state))
     cfg = load_config("neva-tiny", [f"model.mm_cfg.pretrain_mm_mlp_adapter={tmp_path / 'checkpoints'}"]).model
     stage2, notes = build_neva_model(cfg)
     assert torch.equal(stage2.projector[2].weight, stage1.projector[2].weight)

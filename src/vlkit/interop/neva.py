@@ -34,8 +34,6 @@ RUN_SETTINGS = (
     "encoder_seq_length", "hidden_dropout", "attention_dropout", "drop_path_rate", "activations_checkpoint_granularity",
     "activations_checkpoint_method", "activations_checkpoint_num_layers", "use_flash_attention",
 )  # fmt: skip
-# Where a trainer's checkpoints directory names its newest checkpoint (vlkit.train.checkpoint).
-LATEST_FILE = "latest"
 LLAVA_ADAPTER_FILE = "mm_projector.bin"
 
 
@@ -193,21 +191,32 @@ def build_neva_model(
 
 
 # -- stage-1 projector weights -----------------------------------------------------------------------------------------
-def adapter_file(path: Path) -> Path:
-    """The weights file a ``pretrain_mm_mlp_adapter`` value names (see :func:`load_adapter`)."""
+def adapter_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Where the weights a ``pretrain_mm_mlp_adapter`` value names are, and the weights (see :func:`load_adapter`).
+
+    A trainer's run directory or checkpoints folder stands for its latest complete checkpoint (the one rule of
+    :func:`vlkit.interop.checkpoint_files.find_checkpoint`); a checkpoint is read in either format, a sharded one
+    (FSDP2 / tensor-parallel stage 1) consolidated in this process."""
+    from vlkit.interop.checkpoint_files import CheckpointError, find_checkpoint, is_checkpoint, read_model_state
+
+    key = "model.mm_cfg.pretrain_mm_mlp_adapter"
     if path.is_file():
-        return path
+        return path, read_weights_file(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model.mm_cfg.pretrain_mm_mlp_adapter={path}: no such file or directory")
-    for candidate in (path / WEIGHTS_FILE, path / LLAVA_ADAPTER_FILE):
-        if candidate.is_file():
-            return candidate
-    latest = path / LATEST_FILE
-    if latest.is_file():  # a trainer's checkpoints directory: its newest checkpoint
-        return adapter_file(path / latest.read_text().strip())
+        raise FileNotFoundError(f"{key}={path}: no such file or directory")
+    try:
+        if is_checkpoint(path):
+            return path, read_model_state(path)
+        for candidate in (path / WEIGHTS_FILE, path / LLAVA_ADAPTER_FILE):  # a model directory, LLaVA's output
+            if candidate.is_file():
+                return candidate, read_weights_file(candidate)
+        checkpoint = find_checkpoint(path)
+        if checkpoint is not None:
+            return checkpoint, read_model_state(checkpoint)
+    except CheckpointError as e:
+        raise FileNotFoundError(f"{key}={path}: {e}") from None
     raise FileNotFoundError(
-        f"model.mm_cfg.pretrain_mm_mlp_adapter={path}: holds no {WEIGHTS_FILE}, {LLAVA_ADAPTER_FILE} or "
-        f"{LATEST_FILE} pointer"
+        f"{key}={path}: holds no {WEIGHTS_FILE}, {LLAVA_ADAPTER_FILE} or complete trainer checkpoint"
     )
 
 
@@ -235,8 +244,8 @@ def load_adapter(model: NevaModel, path: str | Path) -> Path:
     Raises:
         ValueError: the file holds no projector, or one that does not fit (the message names the file).
     """
-    file = adapter_file(Path(path))
-    state = adapter_state(read_weights_file(file))
+    file, weights = adapter_weights(Path(path))
+    state = adapter_state(weights)
     expected = sorted(k for k, _ in model.named_parameters() if k.startswith("projector."))
     missing = [k for k in expected if k not in state]
     if missing:

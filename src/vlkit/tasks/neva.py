@@ -317,14 +317,12 @@ def resolve_tokenizer(cfg: Any, data: Any) -> Path:
 def base_from_stage1(model: NevaModel, model_cfg: Any) -> list[str]:
     """Load the parts that stage 1 built at random (and saved) and this config builds at random too, from the
     ``pretrain_mm_mlp_adapter`` checkpoint; returns notes. Parts this config loads from ``from_pretrained`` win."""
-    from vlkit.interop.native import read_weights_file
-    from vlkit.interop.neva import adapter_file
+    from vlkit.interop.neva import adapter_weights
 
     mm = model_cfg.mm_cfg
     if mm is None or not mm.pretrain_mm_mlp_adapter:
         return []
-    file = adapter_file(Path(mm.pretrain_mm_mlp_adapter))
-    state = read_weights_file(file)
+    file, state = adapter_weights(Path(mm.pretrain_mm_mlp_adapter))
     notes = []
     for part, spec in (("vision_tower", mm.vision_encoder), ("llm", mm.llm)):
         prefix = f"{part}."
