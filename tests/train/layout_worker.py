@@ -168,6 +168,8 @@ def train(task: str, layout: str, root: Path, out: Path) -> None:
         save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(run / "final.safetensors"))
         losses = [h["loss"] for h in history if "loss" in h]
         (run / "losses.json").write_text(json.dumps(losses))
+        last = [h for h in history if "loss" in h][-1]
+        (run / "counters.json").write_text(json.dumps({k: last[k] for k in ("skipped_samples", "repaired_samples")}))
     del trainer, state, inner  # release the meshes' process groups before the next run and the teardown
 
 

@@ -4,8 +4,10 @@ one-process run. The table of runs is tests/train/layout_worker.py's ``layouts``
 All runs of a kind share one process launch (the one-process references, the 2-rank layouts, the 4-rank FSDP x TP
 mesh), so the matrix costs three launches: about 3 minutes on 2 idle cores."""
 
+import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,7 @@ def runs_of(nproc: int) -> list[str]:
 def matrix(tmp_path_factory, torchrun) -> Path:
     root = tmp_path_factory.mktemp("layout-data")
     write_shapes_dataset(root / "clip", train=48, val=8, size=32, shard_size=1000, workers=1, progress=False)
+    prepend_a_corrupt_sample(root / "clip" / "train" / "000000.tar")
     write_shapes_dataset(root / "classify", train=64, val=8, size=32, classification=True, workers=1, progress=False)
     write_shapes_vqa(root / "neva", train=32, val=4, progress=False)
     out = tmp_path_factory.mktemp("layouts")
@@ -49,6 +52,19 @@ def matrix(tmp_path_factory, torchrun) -> Path:
     torchrun(WORKER, 2, str(root), str(out), *runs_of(2), timeout=600)
     torchrun(WORKER, 4, str(root), str(out), *runs_of(4), timeout=600)
     return out
+
+
+def prepend_a_corrupt_sample(shard: Path) -> None:
+    """A sample whose image does not decode, first in the shard: every layout skips it once and counts it once."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("0broken.jpg", b"not a jpeg"), ("0broken.txt", b"a broken photo")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
 
 
 def read(out: Path, task: str, layout: str) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -80,6 +96,15 @@ def test_layout_trains_like_one_process(matrix, task, layout):
     errors = relative_errors(weights, ref_weights)
     worst = max(errors, key=errors.get)
     assert errors[worst] <= FP32_RTOL, f"{worst}: relative error {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("layout", [n for n in layouts("clip") if n != "single"])
+def test_skipped_samples_are_counted_once_in_every_layout(matrix, layout):
+    """The corrupt sample is skipped by whichever data-parallel rank reads it and counted once: summed over the
+    data-parallel ranks, not over tensor-parallel peers (which read it too)."""
+    for name in ("single", layout):
+        counters = json.loads((matrix / "clip" / name / "counters.json").read_text())
+        assert counters == {"skipped_samples": 1, "repaired_samples": 0}, name
 
 
 def test_the_runs_really_train(matrix):

@@ -28,7 +28,7 @@ from vlkit.train.metrics import MetricSinks, Throughput, device_peak_flops, form
 from vlkit.train.optim import build_optimizer, build_scheduler
 from vlkit.train.resume_config import apply_hyperparameters, plan_resume
 from vlkit.train.rng import capture_rng_state, restore_rng_state
-from vlkit.train.run_dir import claim_output_dir
+from vlkit.train.run_dir import checkpoint_dir, claim_output_dir
 
 log = logging.getLogger("vlkit.train")
 
@@ -109,8 +109,8 @@ class Trainer:
             self.optimizer, cfg.schedule, cfg.schedule.max_steps or tcfg.max_steps, cfg.optim.lr
         )
         self.out_dir = Path(tcfg.output_dir)
-        ckpt_dir = Path(tcfg.checkpoint.dir) if tcfg.checkpoint.dir else self.out_dir / "checkpoints"
-        self.ckpt = CheckpointManager(ckpt_dir, tcfg.checkpoint.keep_last, self.dist.rank, self.dist.world_size)
+        self.ckpt = CheckpointManager(checkpoint_dir(cfg), tcfg.checkpoint.keep_last, self.dist.rank,
+                                      self.dist.world_size)  # fmt: skip
         # The rank's RNG differs from here on (dropout, augmentation), so data parallel ranks do not draw alike.
         torch.manual_seed(tcfg.seed * 1000 + self.dist.rank + 1)
         self.loader = self.task.build_train_loader(tcfg.micro_batch_size)
