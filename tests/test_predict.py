@@ -78,5 +78,55 @@ def test_bad_images_and_models(model_dir, images, tmp_path, capsys):
     captured = capsys.readouterr()
     assert str(broken) in captured.err and images[1] in captured.out  # the good image is still classified
     save_model(create_model("clip-tiny"), tmp_path / "clip")
-    assert main(["predict", "--model", str(tmp_path / "clip"), images[0]]) == 2
-    assert "not a ViT classifier" in capsys.readouterr().err
+    assert main(["predict", "--model", str(tmp_path / "clip"), images[0]]) == 2  # a CLIP model needs labels
+    assert "--labels" in capsys.readouterr().err
+    assert main(["predict", "--model", str(model_dir), "--labels", "a,b", images[0]]) == 2
+    assert "classes are fixed" in capsys.readouterr().err
+
+
+@pytest.fixture
+def clip_dir(tmp_path):
+    torch.manual_seed(0)
+    save_model(create_model("clip-tiny"), tmp_path / "clip")
+    return tmp_path / "clip"
+
+
+def test_clip_zero_shot_with_own_labels(clip_dir, images, capsys):
+    import torch.nn.functional as F
+
+    from vlkit.data.tokenizer import get_tokenizer
+    from vlkit.data.transforms import get_transform
+    from vlkit.interop.native import load_model
+
+    labels = ["cat", "dog", "red car"]
+    argv = ["predict", "--model", str(clip_dir), "--labels", " cat, dog ,red car", "--templates", "simple"]
+    assert main([*argv, "--topk", "2", "--json", *images]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # The reference, written out: one prompt per label, cosine similarities times the logit scale, softmax.
+    model = load_model(clip_dir).eval()
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(get_tokenizer("clip")([f"a photo of a {n}." for n in labels])), dim=-1)
+        transform = get_transform(model, train=False)
+        for path, row in zip(images, rows):
+            image = F.normalize(model.encode_image(transform(Image.open(path))[None]), dim=-1)
+            probs = (model.scale() * image @ text.T).softmax(-1)[0]
+            best = probs.argsort(descending=True)[:2].tolist()
+            assert row["image"] == path
+            assert [p["class"] for p in row["predictions"]] == [labels[i] for i in best]
+            assert [p["probability"] for p in row["predictions"]] == pytest.approx(probs[best].tolist(), abs=1e-5)
+
+
+def test_clip_labels_file_and_openai_templates(clip_dir, images, tmp_path, capsys):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("cat\ndog\n\ncar\n")  # blank lines are skipped
+    assert main(["predict", "--model", str(clip_dir), "--labels-file", str(labels_file), images[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == images[0] and len(lines) == 1 + 3  # top-k stops at the number of labels
+    assert sorted(line.split()[1] for line in lines[1:]) == ["car", "cat", "dog"]
+    assert sum(float(line.split()[0]) for line in lines[1:]) == pytest.approx(1.0, abs=2e-4)
+    assert main(["predict", "--model", str(clip_dir), "--labels", "cat,,dog", images[0]]) == 2
+    assert "empty label" in capsys.readouterr().err
+    assert main(["predict", "--model", str(clip_dir), "--labels", "cat,cat", images[0]]) == 2
+    assert "repeated label(s) cat" in capsys.readouterr().err
+    assert main(["predict", "--model", str(clip_dir), "--labels-file", str(tmp_path / "no.txt"), images[0]]) == 2
+    assert "no.txt" in capsys.readouterr().err

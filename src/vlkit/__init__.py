@@ -19,6 +19,8 @@ _EXPORTS = {
     "get_tokenizer": "vlkit.data.tokenizer",
     "get_transform": "vlkit.data.transforms",
     "ConfigError": "vlkit.config",
+    "list_models": "vlkit.catalog",
+    "create_model_and_transforms": "vlkit.catalog",
 }
 __all__ = ["__version__", *_EXPORTS]
 
@@ -27,3 +29,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'vlkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy exports are not in the module's namespace until first used; tab completion and dir() should see them.
+    return sorted({*globals(), *__all__})

@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     )
     report = run_demo(cfg, out, val_samples=args.val_samples)
     print(f"\nzero-shot top-1 {report['zeroshot']['acc1']:.3f} on {report['zeroshot']['num_samples']} held-out images")
+    print(f"model: {report['model_path']} (seed {report['seed']}, vlkit {report['versions']['vlkit']}, "
+          f"torch {report['versions']['torch']})")  # fmt: skip
     print(f"report: {out / 'report.md'}")
+    print("next:\n" + "\n".join(f"  {line}" for line in next_commands(report)))
     return 0
 
 
@@ -100,6 +103,10 @@ def run_demo(cfg: Any, out: Path, val_samples: int = 1000) -> dict:
         "zeroshot": {**zs.metrics, "num_samples": zs.num_samples},
         "retrieval": {**rt.metrics, "num_samples": rt.num_samples},
         "timings": timings,
+        "model_path": str(Path(cfg.trainer.output_dir) / "model"),
+        "data_path": str(data),
+        "seed": cfg.trainer.seed,
+        "versions": _versions(),
         "train_history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history],
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -173,6 +180,27 @@ def write_plots(out: Path, history: list[dict], zs: Any, mean, std) -> dict[str,
     return plots
 
 
+def _versions() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    from vlkit import __version__
+
+    return {"vlkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def next_commands(report: dict) -> list[str]:
+    """What to run on the demo's model next: evaluate it, classify your own images with your own labels, export."""
+    model, data = report["model_path"], report["data_path"]
+    return [
+        f"vlkit eval zeroshot --model {model} --data {data}/val",
+        f'vlkit predict --model {model} --labels "red circle,blue square,green triangle" IMAGE.png',
+        f"vlkit convert --to hf {model} --out {Path(model).parent.parent / 'export-hf'}",
+    ]
+
+
 def write_report(out: Path, report: dict, plots: dict[str, str]) -> None:
     zs, rt, t = report["zeroshot"], report["retrieval"], report["timings"]
     classes, captions = report.get("num_classes"), rt["num_samples"]
@@ -203,6 +231,21 @@ def write_report(out: Path, report: dict, plots: dict[str, str]) -> None:
         f"total {t['total_s']:.0f} s.",
         "",
     ]
+    if "model_path" in report:
+        v = report["versions"]
+        lines += [
+            f"The trained model is `{report['model_path']}` (a vlkit model directory). Next:",
+            "",
+            "```bash",
+            *next_commands(report),
+            "```",
+            "",
+            f"Seed {report['seed']}; vlkit {v['vlkit']}, torch {v['torch']}, Python {v['python']}, "
+            f"{v['threads']} CPU threads. The same seed gives the same data and initial weights, but the metrics "
+            "move by about a point between machines: float sums are ordered differently with another thread count "
+            "or another CPU's kernels (AVX2 / AVX-512), and 200 steps amplify the difference.",
+            "",
+        ]
     titles = {"loss": "Training loss", "confusion": "Zero-shot confusion matrix",
               "predictions": "Held-out images with their top-3 zero-shot predictions"}  # fmt: skip
     for key, file in plots.items():

@@ -9,12 +9,14 @@ from omegaconf import OmegaConf
 from vlkit.config import load_config, to_dict
 from vlkit.models import create_model
 from vlkit.utils.flops import count_parameters, tower_flops
+from vlkit.utils.memory import build_on_meta, estimate_model, estimate_training, machine_memory
 
 
 def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Resolved config, parameter counts per tower and traced FLOPs per sample, as one JSON-ready dict."""
     cfg = load_config(name_or_path, overrides or [])
-    model = create_model(cfg, device="meta")
+    # A size torch cannot describe even on the meta device is a TooLargeError naming its key, not a traceback.
+    model = build_on_meta(lambda: create_model(cfg), cfg.model, prefix="model", where=cfg.name or str(name_or_path))
     params = {}
     if cfg.model.arch == "llama":
         towers = {"llm": model.llm}
@@ -50,9 +52,28 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
         "sequence_length": seq,
         "config": to_dict(cfg),
     }
+    report["memory"] = _memory(model, cfg)
     if "llm" in seq:  # a decoder's sample is a full-context sequence; its cost per token is what MFU uses
         report["flops_per_token"] = {kind: f / seq["llm"] for kind, f in flops["llm"].items()}
     return report
+
+
+def _memory(model, cfg) -> dict:
+    """The lower bounds ``vlkit.load_model`` and ``vlkit train`` hold against the machine (reported, not refused)."""
+    weights = estimate_model(model, cfg.model)
+    precision = str(cfg.trainer.precision).lower()
+    precision = "bf16" if "bf16" in precision else "fp16" if "16" in precision else "fp32"
+    training = estimate_training(model, cfg.model, precision=precision, optimizer=cfg.optim.name)
+    available, machine = machine_memory(str(cfg.trainer.accelerator))
+    return {
+        "weights_bytes": weights.bytes,
+        "training_bytes": training.bytes,
+        "machine_bytes": available,
+        "weights": weights.what,
+        "training": training.what,
+        "machine": machine,
+        "fits": {"weights": weights.bytes <= available, "training": training.bytes <= available},
+    }
 
 
 def format_report(report: dict, show_config: bool = True) -> str:
@@ -68,6 +89,12 @@ def format_report(report: dict, show_config: bool = True) -> str:
         fwd = f"{f['forward'] / 1e9:.2f}" if f else ""
         train = f"{f['train'] / 1e9:.2f}" if f else ""
         lines.append(f"{tower:<10}{n:>16,}{n / 1e6:>9.2f} M{fwd:>15}{train:>12}{seq.get(tower, ''):>10}")
+    if "memory" in report:
+        mem = report["memory"]
+        for kind in ("weights", "training"):
+            note = "" if mem["fits"][kind] else " -- more than this machine holds"
+            lines.append(f"memory: {mem[kind]}{note}")
+        lines.append(f"memory: {mem['machine']} (activations come on top of both)")
     if "flops_per_token" in report:
         per = report["flops_per_token"]
         lines.append(f"per token: {per['forward'] / 1e9:.2f} GFLOPs forward, {per['train'] / 1e9:.2f} forward+backward")

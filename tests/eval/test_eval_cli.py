@@ -121,3 +121,22 @@ def test_model_path_follows_the_latest_checkpoint(tmp_path):
     (newer / "train_state.json").write_text(json.dumps({**marker, "files": {"model.safetensors": 10}}))
     (step.parent / "latest").write_text("step_00000700\n")
     assert resolve_model_path(str(tmp_path / "run")) == str(step)
+
+
+def test_a_clip_benchmark_folder_brings_its_class_names_and_templates(clip_dir, shapes_dir, tmp_path, capsys):
+    # CLIP_benchmark's layout: classnames.txt and zeroshot_classification_templates.txt at the root, shards in test/.
+    import shutil
+
+    root = tmp_path / "cb"
+    (root / "test").mkdir(parents=True)
+    shutil.copy(shapes_dir / "val" / "000000.tar", root / "test" / "0.tar")
+    names = json.loads((shapes_dir / "classes.json").read_text())["classes"]
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na drawing of a {c}.\n")
+    argv = ["zeroshot", "--model", str(clip_dir), "--data", str(root / "test"), "--quiet", "--workers", "0"]
+    assert main([*argv, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["vlkit"]
+    assert info["num_classes"] == len(names) == 25 and info["classes"] == str(root / "classnames.txt")
+    assert info["num_templates"] == 2 and info["templates"] == str(root / "zeroshot_classification_templates.txt")
+    assert main(argv) == 0  # the text report says where the class names came from
+    assert f"25 classes ({root / 'classnames.txt'})" in capsys.readouterr().out

@@ -105,8 +105,9 @@ def test_from_hf_to_open_clip_in_one_step(hf_src, tmp_path, capsys):
 def test_usage_errors_exit_2_naming_the_problem(hf_src, tmp_path, capsys):
     _, src = hf_src
     out = str(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
     cases = [
-        (["convert", str(src), "--out", out], "--from hf|open_clip|llava"),
+        (["convert", str(tmp_path / "empty"), "--out", out], "--from hf|open_clip|llava"),  # no format in the content
         (["convert", "--from", "llava", str(src), "--out", out], "not a Hugging Face LLaVA config"),
         (
             ["convert", "--from", "hf", str(src), "--model-name", "ViT-B-32", "--out", out],
@@ -164,3 +165,20 @@ def test_matching_preset_names_the_quick_gelu_difference():
         "clip-h14",
         ["model.vision.num_attention_heads=16 (preset: 20)"],
     )
+
+
+def test_without_from_or_to_the_source_is_recognised_by_content(hf_src, tiny_clip, tmp_path, capsys):
+    _, src = hf_src
+    assert main(["convert", str(src), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "recognised as hf by its content" in out and f"(hf) -> {tmp_path / 'out'} (vlkit)" in out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["format"] == "vlkit"
+    # A vlkit directory has nothing to become without --to; a folder of nothing is named with the way on.
+    vlkit.save_model(tiny_clip, tmp_path / "vl")
+    assert main(["convert", str(tmp_path / "vl"), "--out", str(tmp_path / "again")]) == 2
+    assert "already a vlkit model directory; pass --to hf|open_clip" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "empty") in err and "--from hf|open_clip|llava" in err
+    assert not (tmp_path / "again").exists() and not (tmp_path / "o2").exists()

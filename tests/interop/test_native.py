@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -66,3 +67,25 @@ def test_mismatched_weights_are_reported(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match="missing"):
         vlkit.load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    from vlkit.interop.hf import save_hf
+    from vlkit.interop.open_clip import save_open_clip
+    from vlkit.train.checkpoint import CheckpointManager
+
+    model = vlkit.create_model("clip-tiny", vision__num_layers=1, text__num_layers=1)
+    old = os.umask(umask)
+    try:
+        vlkit.save_model(model, tmp_path / "model")
+        save_hf(model, tmp_path / "hf")
+        save_open_clip(model, tmp_path / "open_clip")
+        CheckpointManager(tmp_path / "run" / "checkpoints").save(3, model, None)
+    finally:
+        os.umask(old)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert sum(f.suffix == ".safetensors" for f in files) >= 4  # safetensors' own writer makes these 0600
+    assert {str(f.relative_to(tmp_path)): oct(f.stat().st_mode & 0o777) for f in files} == {
+        str(f.relative_to(tmp_path)): oct(0o666 & ~umask) for f in files
+    }

@@ -351,7 +351,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "data",
         help="data loading throughput (decode + augment + tokenize), vlkit beside open_clip",
-        description=__doc__,
+        description=__doc__.replace("``", ""),  # docstring markup is noise in a terminal
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)

@@ -273,7 +273,7 @@ def format_table(report: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``vlkit bench tokenizer``."""
-    parser.description = __doc__
+    parser.description = __doc__.replace("``", "")  # docstring markup is noise in a terminal
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--n", type=int, default=10_000, help="number of captions (default 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic caption mix (default 0)")

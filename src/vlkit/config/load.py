@@ -9,15 +9,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlkit.config import compat
 from vlkit.config.schema import Config, MMConfig
 from vlkit.config.validate import validate
+from vlkit.utils.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used: unknown key, wrong type, invalid combination. The CLI exits with code 2."""
 
 
@@ -33,7 +35,10 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, str]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        text, where = path.read_text(), str(path)
+        try:
+            text, where = path.read_bytes().decode("utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a YAML config (not UTF-8 text at byte {e.start})") from None
     else:
         preset = resources.files(PRESET_PACKAGE) / f"{name_or_path}.yaml"
         if not preset.is_file():
@@ -47,11 +52,23 @@ def _read_yaml(name_or_path: str | Path) -> tuple[dict, str]:
         tree = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # the parser names "<unicode string>": name the file and the line instead
+        raise ConfigError(f"{where}: not valid YAML: {_yaml_problem(e)}") from None
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(tree).__name__}")
     return tree, where
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``line L, column C: <problem>`` from a YAML error (1-based, as editors count), without the parser's
+    ``"<unicode string>"`` locations."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -141,9 +158,41 @@ def _load_tree(name_or_path: str | Path, seen: tuple[str, ...] = ()) -> tuple[Di
         else cfg.model.arch
     )
     translated, errs = _translate(tree, arch, where)
+    if errs and base_name is None:
+        hint = _missing_arch_hint(tree, where, len(errs))
+        if hint:  # one line that says what is missing, instead of one unknown key per line of the block
+            raise ConfigError(hint)
     errors += errs
     cfg = _merge(cfg, translated, where, errors)
     return cfg, errors
+
+
+# Architectures whose document blocks are often pasted without the vlkit wrapping (``model:`` and ``arch:``).
+_DOC_ARCHES = ("vit_classifier", "clip", "neva")
+
+
+def _missing_arch_hint(tree: dict, where: str, n_errors: int) -> str | None:
+    """A hint when a document's model block was pasted flat or without ``arch:``: the same keys would all be valid
+    under ``model:`` with one architecture (the ViT document's block without ``model.arch: vit_classifier``)."""
+    model = tree.get("model")
+    if isinstance(model, dict) and "arch" in model:
+        return None
+    # The top-level keys that are not sections: the pasted block (a flat paste) or the whole model section.
+    sections = {f.name for f in dataclasses.fields(Config)}
+    flat = {k: v for k, v in tree.items() if k not in sections}
+    block = {**(model if isinstance(model, dict) else {}), **flat}
+    if not block:
+        return None
+    for arch in _DOC_ARCHES:
+        _, errs = _translate({"model": {**block, "arch": arch}}, arch, where)
+        if not errs:
+            todo = f"nest the block under model: and add arch: {arch}" if flat else f"add arch: {arch} under model:"
+            return (
+                f"{where}: {n_errors} keys are unknown, but all are valid model keys with model.arch: {arch}; "
+                f"{todo} (or start from a preset with base: "
+                f"{'vit-b16' if arch == 'vit_classifier' else 'clip-b16' if arch == 'clip' else 'neva-tiny'})"
+            )
+    return None
 
 
 def _merge(cfg: DictConfig, tree: dict, where: str, errors: list[str]) -> DictConfig:

@@ -298,7 +298,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "check",
         help="count and validate webdataset shards: sizes, caption tokens, truncation, unreadable samples",
-        description=__doc__,
+        description=__doc__.replace("``", ""),  # docstring markup is noise in a terminal
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(p)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlkit.data.shards import Record, StreamDataset
+from vlkit.utils.errors import DataError
 
 IMAGE_COLUMNS = ("filepath", "image", "image_path", "img", "path", "file", "filename")
 CAPTION_COLUMNS = ("title", "caption", "text", "txt", "label_text")
@@ -43,13 +44,13 @@ def _pick(header: Sequence[str], wanted: str | None, candidates: Sequence[str], 
     names = [h.strip() for h in header]
     if wanted is not None:
         if wanted not in names:
-            raise ValueError(f"{path}: no {what} column {wanted!r}; columns are {names}")
+            raise DataError(f"{path}: no {what} column {wanted!r}; columns are {names}")
         return names.index(wanted)
     lowered = [n.lower() for n in names]
     for c in candidates:
         if c in lowered:
             return lowered.index(c)
-    raise ValueError(f"{path}: cannot tell the {what} column among {names}; name it (one of {list(candidates)})")
+    raise DataError(f"{path}: cannot tell the {what} column among {names}; name it (one of {list(candidates)})")
 
 
 def read_rows(
@@ -74,7 +75,7 @@ def read_rows(
         try:
             header = next(reader)
         except StopIteration:
-            raise ValueError(f"{path}: empty file (a header row is needed)") from None
+            raise DataError(f"{path}: empty file (a header row is needed)") from None
         i_img = _pick(header, image_col, IMAGE_COLUMNS, "image", path)
         i_cap = _pick(header, caption_col, CAPTION_COLUMNS, "caption", path)
         i_lab = _pick(header, label_col, (), "label", path) if label_col else None
@@ -143,7 +144,7 @@ class CsvDataset(StreamDataset):
             self.path, image_col=image_col, caption_col=caption_col, label_col=label_col, delimiter=delimiter
         )
         if not self.rows:
-            raise ValueError(f"{self.path}: no data rows")
+            raise DataError(f"{self.path}: no data rows")
         step = max(1, rows_per_part)
         self.parts = [f"{self.path}#{i}-{min(i + step, len(self.rows)) - 1}" for i in range(0, len(self.rows), step)]
         super().__init__(

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlkit.utils.errors import UserError
+
 # Machine-usable failure reasons (ImageDecodeError.reason); metrics dicts count skips under these names.
 REASONS = ("empty", "unidentified", "truncated", "corrupt", "too_large", "unsupported", "unreadable")
 
@@ -45,7 +47,7 @@ _ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "P
 _WHITE = (255, 255, 255)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image that cannot be decoded or converted.
 
     Attributes:

@@ -52,6 +52,7 @@ from vlkit.data.conversation import (
 )
 from vlkit.data.images import REASONS, ImageDecodeError, read_image, to_rgb
 from vlkit.data.transforms import INTERPOLATIONS, ImageTransform, ToRGB, get_transform
+from vlkit.utils.errors import DataError
 
 logger = logging.getLogger("vlkit.data.llava")
 
@@ -78,6 +79,10 @@ class Record(NamedTuple):
     where: str  # "file sample N", for messages
 
 
+class NoUsableSamplesError(DataError, RuntimeError):
+    """Every sample of a data file was skipped (a RuntimeError, as it was before the error family)."""
+
+
 def read_json_records(path: str | os.PathLike) -> list[Any]:
     """The raw objects of a LLaVA ``.json`` (a list) or ``.jsonl`` file (one object per line; blank lines skipped).
 
@@ -95,10 +100,10 @@ def read_json_records(path: str | os.PathLike) -> list[Any]:
         except json.JSONDecodeError as e:
             # One object per line in a file not named .jsonl: read it as JSONL below.
             if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
-                raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})") from None
+                raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}, column {e.colno})") from None
         else:
             if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of samples, got a {type(data).__name__}")
+                raise DataError(f"{path}: expected a JSON list of samples, got a {type(data).__name__}")
             return data
     items = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -107,7 +112,7 @@ def read_json_records(path: str | os.PathLike) -> list[Any]:
         try:
             items.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+            raise DataError(f"{path} line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
     return items
 
 
@@ -130,38 +135,43 @@ def parse_record(
         ValueError: a malformed sample; the message starts with ``where``.
     """
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: a sample must be a JSON object, got {type(raw).__name__}")
+        raise DataError(f"{where}: a sample must be a JSON object, got {type(raw).__name__}")
     sample_id = raw.get("id", index)
     if not isinstance(sample_id, (str, int)):
-        raise ValueError(f"{where}: 'id' must be a string or a number, got {type(sample_id).__name__}")
+        raise DataError(f"{where}: 'id' must be a string or a number, got {type(sample_id).__name__}")
     where = f"{where} (id {sample_id!r})" if "id" in raw else where
     image = raw.get("image")
     if isinstance(image, list):
         if len(image) != 1:
-            raise ValueError(f"{where}: {len(image)} images; one image per sample is supported")
+            raise DataError(f"{where}: {len(image)} images; one image per sample is supported")
         image = image[0]
     if image is not None and (not isinstance(image, str) or not image):
-        raise ValueError(f"{where}: 'image' must be a non-empty path string, got {image!r}")
+        raise DataError(f"{where}: 'image' must be a non-empty path string, got {image!r}")
     system = raw.get("system")
     if system is not None and not isinstance(system, str):
-        raise ValueError(f"{where}: 'system' must be a string, got {type(system).__name__}")
+        raise DataError(f"{where}: 'system' must be a string, got {type(system).__name__}")
     turns = turns_from_json(raw.get("conversations"), where)
     if turns and turns[0].role == GPT:
         turns = turns[1:]
     if not is_multimodal:
         image = None
         turns = [t._replace(text=t.text.replace(IMAGE_TOKEN, "").strip()) for t in turns]
+    # Checked before the placement below, which would quietly strip it: an answer that shows the image is a broken
+    # sample (docs/data.md: reported), not one to repair by moving the placeholder.
+    in_answer = [i for i, t in enumerate(turns) if t.role == GPT and IMAGE_TOKEN in t.text]
+    if in_answer:
+        raise DataError(f"{where}: turn {in_answer[0]} (gpt) contains {IMAGE_TOKEN}; the image belongs in a human turn")
     placeholders = sum(t.text.count(IMAGE_TOKEN) for t in turns if t.role == HUMAN)
     if image is None and placeholders:
-        raise ValueError(f"{where}: the text has {IMAGE_TOKEN} but the sample has no 'image'")
+        raise DataError(f"{where}: the text has {IMAGE_TOKEN} but the sample has no 'image'")
     if placeholders > 1:
-        raise ValueError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders; one image per sample is supported")
+        raise DataError(f"{where}: {placeholders} {IMAGE_TOKEN} placeholders; one image per sample is supported")
     if image is not None and turns and (placeholders == 0 or sep_image_conv_front):
         turns = [t._replace(text=t.text.replace(IMAGE_TOKEN, "").strip()) for t in turns]
         turns[0] = turns[0]._replace(text=f"{IMAGE_TOKEN}\n{turns[0].text}")
     problem = template.check(turns, has_image=image is not None)
     if problem:
-        raise ValueError(f"{where}: {problem} (template {template.name!r})")
+        raise DataError(f"{where}: {problem} (template {template.name!r})")
     return Record(str(sample_id), image, tuple(turns), system, where)
 
 
@@ -199,9 +209,9 @@ def load_llava_records(
         more = (
             f"\n  ... and {len(problems) - _MAX_LISTED_PROBLEMS} more" if len(problems) > _MAX_LISTED_PROBLEMS else ""
         )
-        raise ValueError(f"{path}: {len(problems)} malformed sample(s):\n  {listed}{more}")
+        raise DataError(f"{path}: {len(problems)} malformed sample(s):\n  {listed}{more}")
     if not records:
-        raise ValueError(f"{path}: no samples")
+        raise DataError(f"{path}: no samples")
     return records
 
 
@@ -406,7 +416,7 @@ class LlavaDataset(Dataset):
             item = self._build(i)
             if item is not None:
                 return item
-        raise RuntimeError(f"{self.source}: none of the {n} samples can be used ({self.stats})")
+        raise NoUsableSamplesError(f"{self.source}: none of the {n} samples can be used ({self.stats})")
 
     def _build(self, index: int) -> dict[str, Any] | None:
         """The item, or None when the sample must be skipped (flagged). Problems of kept samples are flagged only
@@ -644,10 +654,10 @@ def build_llava_dataset(
     """
     path = data.train_path if split == "train" else data.val_path
     if not path:
-        raise ValueError(f"data.{'train' if split == 'train' else 'val'}_path is not set (a LLaVA .json/.jsonl file)")
+        raise DataError(f"data.{'train' if split == 'train' else 'val'}_path is not set (a LLaVA .json/.jsonl file)")
     name = data.conv_template or default_template
     if not name:
-        raise ValueError("data.conv_template is not set and no default was given (the LLM's model_type)")
+        raise DataError("data.conv_template is not set and no default was given (the LLM's model_type)")
     if not isinstance(tokenizer, ConversationTokenizer):
         tokenizer = ConversationTokenizer(tokenizer, name)
     return LlavaDataset(

@@ -13,13 +13,15 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO, NamedTuple
 
+from vlkit.utils.errors import UserError
+
 BLOCK = 512
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
 _SKIP_CHUNK = 1 << 20
 
 
-class TarFormatError(ValueError):
+class TarFormatError(UserError, ValueError):
     """The stream is not a (complete) tar file: a bad header checksum, or it ends inside a header or member."""
 
 

@@ -315,7 +315,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "from-folder",
         help="write webdataset shards from images + sidecar .txt captions, or one sub-folder per class",
-        description=__doc__,
+        description=__doc__.replace("``", ""),  # docstring markup is noise in a terminal
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="folder of images (captions in IMAGE.txt) or of class sub-folders")
@@ -331,7 +331,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "from-csv",
         help="write webdataset shards from a CSV/TSV of image paths and captions",
-        description=__doc__,
+        description=__doc__.replace("``", ""),  # docstring markup is noise in a terminal
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", metavar="FILE", help="CSV/TSV with a header; image paths relative to the file")

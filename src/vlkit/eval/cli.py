@@ -264,7 +264,8 @@ def format_result(result) -> str:
     info = result.info
     what = f"{result.num_samples} images"
     if "num_classes" in info:
-        what += f", {info['num_classes']} classes"
+        # Where the names came from, always: a silent fallback to ImageNet's 1 000 classes reads as accuracy 0.
+        what += f", {info['num_classes']} classes" + (f" ({info['classes']})" if info.get("classes") else "")
     if "num_templates" in info:
         what += f", {info['num_templates']} templates ({info['templates']})"
     if "num_texts" in info:

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlkit.utils.errors import UserError
+
 CLASSES_FILE = "classes.json"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,7 +32,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_CONFUSION_CLASSES = 4096
 
 
-class EvalUsageError(ValueError):
+class EvalUsageError(UserError, ValueError):
     """Bad input the user can fix (a missing path, the wrong kind of model, unlabelled data); the CLI exits 2."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,10 +35,17 @@ from vlkit.eval.common import (
     open_eval_data,
     prepare_clip_eval,
     progress_bar,
+    resolve_data_location,
     skipped_counts,
     unwrap,
 )
-from vlkit.eval.templates import fill_template, imagenet_classnames, resolve_classnames, resolve_templates
+from vlkit.eval.templates import (
+    classes_file_templates,
+    fill_template,
+    imagenet_classnames,
+    resolve_classnames,
+    resolve_templates,
+)
 
 TASK = "zeroshot_classification"
 
@@ -119,6 +127,30 @@ def _classnames_for(spec: Any, data_classes: list[str] | None, classes_file: Any
     if kind == "imagefolder" and data_classes is not None and len(names) != len(data_classes):
         raise EvalUsageError(f"{len(names)} class names ({source}) for {len(data_classes)} class folders")
     return names, source
+
+
+# CLIP_benchmark's webdataset folders carry their class names and prompts beside the shards (or one folder up, with the
+# shards in test/): one name / one template per line.
+CLIP_BENCHMARK_CLASSES = "classnames.txt"
+CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
+
+
+def clip_benchmark_files(data: Any, split: str | None = None) -> tuple[Path | None, Path | None]:
+    """(``classnames.txt``, ``zeroshot_classification_templates.txt``) of a CLIP_benchmark dataset folder, each
+    None when absent; used when neither the command line nor a ``classes.json`` names classes / templates."""
+    if not isinstance(data, (str, os.PathLike)):
+        return None, None
+    try:
+        _, _, folder = resolve_data_location(data, split)
+    except EvalUsageError:
+        return None, None
+    if folder is None:
+        return None, None
+    found = (
+        next((c for c in (folder / name, folder.parent / name) if c.is_file()), None)
+        for name in (CLIP_BENCHMARK_CLASSES, CLIP_BENCHMARK_TEMPLATES)
+    )
+    return tuple(found)  # type: ignore[return-value]
 
 
 def evaluate_zeroshot(
@@ -210,6 +242,11 @@ def evaluate_zeroshot(
         num_workers=num_workers,
         max_samples=max_samples,
     )
+    bench_classes, bench_templates = clip_benchmark_files(data, split)
+    if classnames is None and ed.classes_file is None and bench_classes is not None:
+        classnames = bench_classes
+    if templates is None and bench_templates is not None and classes_file_templates(ed.classes_file) is None:
+        templates = bench_templates
     try:
         names, classes_source = _classnames_for(classnames, ed.classes, ed.classes_file, ed.kind)
         prompts, templates_source = resolve_templates(templates, ed.classes_file)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from vlkit.utils.errors import UserError
+
 __all__ = [
     "CheckpointError",
     "find_checkpoint",
@@ -62,7 +64,7 @@ MODEL_PREFIX = "model."  # sharded checkpoints keep the model's tensors under mo
 _MARKERS = ("__tensor__", "__tuple__", "__items__")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is incomplete, foreign or does not fit the model; the message names the file or parameter."""
 
 
@@ -123,9 +125,89 @@ def decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: decode_state(v, tensors) for k, v in obj.items()}
 
 
+# safetensors' own cap on the JSON header; a larger length field means a foreign or damaged file.
+MAX_HEADER_BYTES = 100 * 2**20
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+@dataclasses.dataclass
+class SafetensorsHeader:
+    """What a safetensors file declares, read without touching its data: ``tensors`` maps each name to
+    ``(dtype, shape)`` (safetensors' dtype names: F32, BF16, ...), ``metadata`` is the string table."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(file: str | Path) -> SafetensorsHeader:
+    """The header of a safetensors file, parsed here with bounds (8-byte length, at most 100 MB of JSON) so a
+    damaged or foreign file is a one-line error naming it, never a huge allocation or a Rust error.
+
+    Raises:
+        CheckpointError: the file is not a well-formed safetensors file; the message names it and what is wrong.
+    """
+    file = Path(file)
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, less than its 8-byte header length)")
+        length = int.from_bytes(head, "little")
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise CheckpointError(
+                f"{file}: not a safetensors file, or a damaged one: its header length field says {length:,} bytes, "
+                f"{'more than the file holds' if 8 + length > size else 'more than safetensors allows'} "
+                f"(file size {size:,} bytes)"
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not a safetensors file, or a damaged one: its header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: safetensors __metadata__ is not a table of strings")
+    data_size = size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        ok = (
+            isinstance(dtype, str)
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        )
+        if not ok:
+            raise CheckpointError(f"{file}: tensor {name!r}: malformed safetensors entry {str(entry)[:200]}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        begin, end = offsets
+        # Sub-byte and newer dtypes (F4, F8_E8M0, ...) are left to safetensors; their sizes are not checked here.
+        nbytes = numel * SAFETENSORS_DTYPES.get(dtype, 0) if dtype in SAFETENSORS_DTYPES else end - begin
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} ({dtype} {shape}) has data offsets {offsets} that do not fit its size or "
+                f"the file's {data_size:,} data bytes: the file is damaged or truncated"
+            )
+        tensors[name] = (dtype, tuple(shape))
+    return SafetensorsHeader(tensors, metadata)
+
+
 def read_tensors(file: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file written with an ``aliases`` entry in its metadata (tied weights are stored
-    once; their other names come back pointing at the same tensor)."""
+    once; their other names come back pointing at the same tensor). The header is checked first
+    (:func:`read_safetensors_header`): a damaged file is a CheckpointError naming it."""
+    read_safetensors_header(file)
     with safe_open(str(file), framework="pt", device=str(device)) as f:
         out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))

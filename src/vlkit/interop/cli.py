@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlkit.utils.errors import UserError
+
 EXIT_OK, EXIT_USAGE = 0, 2
 SOURCES = ("hf", "open_clip", "llava")
 TARGETS = ("vlkit", "hf", "open_clip")
@@ -53,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad arguments or a source that is not what was said: exit 2."""
 
 
@@ -87,6 +89,21 @@ def _load(args: argparse.Namespace, src: Path):
         return load_open_clip(src, model_name=args.model_name, config=args.config), "open_clip"
     kind, _ = detect_format(src)
     return load_model(src), kind
+
+
+def _source_by_content(src: Path) -> str | None:
+    """Neither --from nor --to: read SRC as what its content says (docs/interop.md) and write a vlkit directory.
+    Returns the --from value that reads it (None: vlkit's own loader, e.g. a trainer checkpoint)."""
+    from vlkit.interop.native import ModelFormatError
+
+    try:
+        kind = _detect(src)
+    except ModelFormatError as e:
+        raise UsageError(f"{e}; say what it is with --from hf|open_clip|llava") from None
+    if kind == "vlkit":
+        raise UsageError(f"{src} is already a vlkit model directory; pass --to hf|open_clip to export it")
+    print(f"{src}: recognised as {kind} by its content (--from to say otherwise)")
+    return kind if kind in ("hf", "llava") else None  # the others load by content (open_clip, checkpoints, towers)
 
 
 def _detect(src: Path) -> str:
@@ -148,12 +165,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.source is None and args.target is None:
-        raise UsageError("say what to convert: --from hf|open_clip|llava (to vlkit) and/or --to hf|open_clip")
     if (args.model_name or args.config) and args.source != "open_clip":
         raise UsageError("--model-name and --config describe an open_clip checkpoint: use them with --from open_clip")
     src, out = Path(args.src), Path(args.out)
     _check_paths(src, out, args.force)
+    if args.source is None and args.target is None:
+        args.source = _source_by_content(src)
     target = args.target or "vlkit"
 
     from vlkit.interop.native import ModelFormatError

@@ -38,7 +38,9 @@ from vlkit.interop.native import (
     CONFIG_FILE,
     ModelFormatError,
     atomic_write_dir,
+    check_before_loading,
     clean_state_dict,
+    declared_tensors,
     read_json,
     read_weights_file,
     save_converted,
@@ -488,6 +490,25 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     raise ModelFormatError(f"{path}: no {' / '.join(HF_WEIGHTS + HF_INDEXES)} (found: {names})")
 
 
+def _declared_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """Meta tensors of what a transformers directory's safetensors files declare (headers only); None for pickled
+    weights (``.bin``), whose shapes cannot be known without loading them, or an index read_hf_weights will refuse."""
+    if (path / HF_WEIGHTS[0]).is_file():
+        return declared_tensors(path / HF_WEIGHTS[0])
+    if (path / HF_WEIGHTS[1]).is_file() or not (path / HF_INDEXES[0]).is_file():
+        return None
+    weight_map = read_json(path / HF_INDEXES[0]).get("weight_map")
+    if not isinstance(weight_map, dict):
+        return None
+    shards = set(weight_map.values())
+    if not all(isinstance(n, str) and Path(n).name == n and (path / n).is_file() for n in shards):
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(shards):
+        out.update(declared_tensors(path / name))
+    return out
+
+
 def _vision_prefix(keys: list[str]) -> str:
     """'vision_model.' in CLIPModel and older CLIPVisionModel files; transformers 5 saves a vision model without it."""
     suffix = "embeddings.patch_embedding.weight"
@@ -641,6 +662,12 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", **overrides
             f"{path}: a Hugging Face CLIP vision tower only (no text tower); load it with vlkit.load_vision_encoder"
         )
     cfg = hf_model_config(config, _read_preprocessor(path), path / CONFIG_FILE)
+    declared = _declared_weights(path)
+    if declared is not None:  # shapes and size against config.json before anything is allocated
+        shape_cfg = resolve_model_config(cfg)
+        with _shape_errors(path):
+            stored = {k: tuple(t.shape) for k, t in hf_to_vlkit_state(declared, shape_cfg, path).items()}
+        check_before_loading(lambda: CLIPModel(shape_cfg), stored, path / CONFIG_FILE, config, device=device)
     hf_state = read_hf_weights(path)
     cfg["text"]["tokenizer"] = _tokenizer_setting(path, tokenizer_files(path), cfg["text"]["vocab_size"])
     _fit_logit_scale(cfg, hf_state)

@@ -18,7 +18,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlkit.config.schema import LLMConfig, ModelConfig
-from vlkit.interop.native import ModelFormatError, atomic_write_dir
+from vlkit.interop.native import (
+    ModelFormatError,
+    atomic_write_dir,
+    check_before_loading,
+    declared_tensors,
+    dtype_name,
+)
 from vlkit.models.factory import create_model
 from vlkit.models.llama import LlamaDecoder, LlamaForCausalLM
 from vlkit.nn import RotaryEmbedding
@@ -249,8 +255,9 @@ def read_hf_config(path: str | Path) -> dict:
     return config
 
 
-def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face directory: ``model.safetensors``, or the shards its index lists."""
+def read_safetensors_dir(path: str | Path, declared_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory: ``model.safetensors``, or the shards its index lists.
+    ``declared_only``: meta tensors of the shapes and dtypes the headers declare (nothing read or allocated)."""
     path = Path(path)
     index_file = path / INDEX_FILE
     if index_file.is_file():
@@ -273,12 +280,15 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
         shard = path / name
         if not shard.is_file():
             raise ModelFormatError(f"{index_file}: lists {name}, which is missing from {path}")
+        declared = declared_tensors(shard)  # the header, bounded and checked: a damaged shard is named
+        absent = [k for k in keys or [] if k not in declared]
+        if absent:
+            raise ModelFormatError(f"{shard}: lacks {absent[:5]}, which {INDEX_FILE} places there")
+        if declared_only:
+            tensors.update((key, declared[key]) for key in (keys if keys is not None else declared))
+            continue
         with safe_open(str(shard), framework="pt", device="cpu") as f:
-            present = set(f.keys())
-            absent = [k for k in keys or [] if k not in present]
-            if absent:
-                raise ModelFormatError(f"{shard}: lacks {absent[:5]}, which {INDEX_FILE} places there")
-            for key in keys if keys is not None else present:
+            for key in keys if keys is not None else declared:
                 tensors[key] = f.get_tensor(key)
     return tensors
 
@@ -310,12 +320,20 @@ def load_hf_llama(
             its config.
     """
     path = Path(path)
-    cfg = llm_config_from_hf(read_hf_config(path), str(path / CONFIG_FILE))
+    config = read_hf_config(path)
+    cfg = llm_config_from_hf(config, str(path / CONFIG_FILE))
+    # Shapes and size against config.json from the headers, before anything is read or allocated.
+    declared = read_safetensors_dir(path, declared_only=True)
+    stored = {f"llm.{k}": tuple(t.shape) for k, t in state_dict_from_hf(declared, cfg, str(path)).items()}
+    stored_dtype = (
+        dtype_name(declared) if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    )
+    model = check_before_loading(lambda: create_model(ModelConfig(arch="llama", llm=cfg)), stored,
+                                 path / CONFIG_FILE, config, device=device, dtype=stored_dtype)  # fmt: skip
     state = state_dict_from_hf(read_safetensors_dir(path), cfg, str(path))
     if dtype is not None:
         state = {k: t.to(dtype) for k, t in state.items()}
-    model = create_model(ModelConfig(arch="llama", llm=cfg), device="meta")
-    check_shapes(model.llm, state, str(path))
+    check_shapes(model.llm, state, str(path))  # the meta model check_before_loading built
     assign_state_dict(model, {f"llm.{k}": t for k, t in state.items()}, device)
     return model
 

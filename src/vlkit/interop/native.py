@@ -33,14 +33,17 @@ from torch import nn
 from vlkit import __version__
 from vlkit.interop.checkpoint_files import (
     CheckpointError,
+    SafetensorsHeader,
     find_checkpoint,
     is_checkpoint,
     read_model_state,
+    read_safetensors_header,
     read_tensors,
     read_train_state,
     run_model_config,
 )
 from vlkit.models.factory import create_model, model_config_dict, resolve_model_config
+from vlkit.utils.errors import UserError
 
 FORMAT = "vlkit"
 CONFIG_FILE = "config.json"
@@ -51,7 +54,7 @@ RUN_MODEL_DIR = "model"  # where the trainer writes the trained model, inside tr
 TOKENIZER_FILES_KEY = "tokenizer_files"
 
 
-class ModelFormatError(ValueError):
+class ModelFormatError(UserError, ValueError):
     """The path does not hold a model vlkit can load; the message says what was found."""
 
 
@@ -98,6 +101,9 @@ def atomic_write_dir(target: Path, write: Any) -> None:
         write(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
+                # safetensors' writer creates its files 0600 whatever the umask; shared storage needs the mode of
+                # any file the user makes (eval jobs and colleagues read checkpoints and exports).
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)
@@ -223,14 +229,104 @@ def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFormatError(f"{path}: {WEIGHTS_FILE} is missing")
-    return read_tensors(weights, device)
+    try:
+        return read_tensors(weights, device)
+    except CheckpointError as e:  # a damaged header: the same one-line message, as the loaders' error class
+        raise ModelFormatError(str(e)) from None
+
+
+def read_header(file: str | Path) -> SafetensorsHeader:
+    """A safetensors file's tensor names, dtypes and shapes, from its header alone (nothing allocated).
+
+    Raises:
+        ModelFormatError: the file is not a well-formed safetensors file (the message names it).
+    """
+    try:
+        return read_safetensors_header(file)
+    except CheckpointError as e:
+        raise ModelFormatError(str(e)) from None
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def declared_tensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """Meta tensors with the dtypes and shapes a safetensors file declares: its header only, nothing allocated, so
+    a converter's renaming and fusing can run on them to find the shapes before the weights are read."""
+    return {
+        name: torch.empty(shape, dtype=_TORCH_DTYPES.get(dtype, torch.float32), device="meta")
+        for name, (dtype, shape) in read_header(file).tensors.items()
+    }
+
+
+def dtype_name(tensors: dict[str, torch.Tensor]) -> str:
+    """fp32 | bf16 | fp16: the floating dtype most of ``tensors``' elements are stored in (fp32 when unsure)."""
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        if t.dtype in _DTYPE_NAMES:
+            counts[_DTYPE_NAMES[t.dtype]] = counts.get(_DTYPE_NAMES[t.dtype], 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else "fp32"
+
+
+def check_before_loading(
+    build: Any, stored: dict[str, tuple[int, ...]], where: str | Path, config: Any, *, prefix: str = "",
+    device: str | torch.device = "cpu", dtype: str = "fp32",
+) -> nn.Module:  # fmt: skip
+    """What can be refused before a model is allocated, checked on the meta device; returns the meta model.
+
+    ``build()`` makes the model the config describes (called under the meta device); ``stored`` maps the model's
+    own parameter names to the shapes the weights file declares (read from its header); ``config`` is the raw config
+    (a dict as read from ``where``, or a dataclass), searched for the key to name. Refused, in this order: a size
+    torch cannot describe at all; a stored tensor whose shape is not the one the config implies (the tensor and
+    both shapes named); a model whose parameters (at ``dtype``) exceed the memory of ``device``'s machine.
+
+    Raises:
+        ModelFormatError: a shape contradicts the config; TooLargeError: the model cannot fit (both exit 2).
+    """
+    from vlkit.utils.memory import TooLargeError, blame_key, build_on_meta, estimate_model, machine_memory, too_large
+
+    meta = build_on_meta(build, config, prefix=prefix, where=str(where))
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    for name, shape in stored.items():
+        want = expected.get(name)
+        if want is not None and tuple(shape) != want:
+            key = blame_key(config, tuple(d for d in want if d not in shape), prefix)
+            raise ModelFormatError(
+                f"{where}: the weights do not fit the config: tensor {name} is stored as {list(shape)}, the config "
+                f"implies {list(want)}" + (f" ({key})" if key else "")
+            )
+    device = torch.device(device)
+    available, machine = machine_memory("cuda" if device.type == "cuda" else "cpu", processes=1)
+    problem = too_large(estimate_model(meta, config, dtype=dtype, prefix=prefix), available, machine)
+    if problem is not None:
+        raise TooLargeError(f"{where}: {problem}")
+    return meta
+
+
+def header_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes a vlkit weights file declares, under every name its tensors are loaded as (aliases too)."""
+    header = read_header(file)
+    shapes = {name: shape for name, (_, shape) in header.tensors.items()}
+    try:
+        aliases = json.loads(header.metadata.get("aliases", "{}"))
+    except json.JSONDecodeError:
+        aliases = {}
+    for alias, name in aliases.items() if isinstance(aliases, dict) else ():
+        if name in shapes:
+            shapes[alias] = shapes[name]
+    return shapes
 
 
 def _is_safetensors(file: Path) -> bool:
-    """safetensors files start with the 8-byte little-endian length of a JSON header, then the header itself."""
+    """safetensors files start with the 8-byte little-endian length of a JSON header, then the header itself (the
+    length is not trusted here: a wrong one is reported by the header checks, naming the file)."""
     with open(file, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < file.stat().st_size
+    return len(head) == 9 and head[8:9] == b"{"
 
 
 def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
@@ -242,6 +338,7 @@ def read_weights_file(file: str | Path) -> dict[str, torch.Tensor]:
     """
     file = Path(file)
     if _is_safetensors(file):
+        read_header(file)  # bounded and checked first: a damaged file is named, not a Rust error
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     try:
@@ -279,8 +376,7 @@ def read_weights_keys(file: str | Path) -> list[str]:
     """The tensor names of a weights file: from the header alone for safetensors, else as read_weights_file."""
     file = Path(file)
     if _is_safetensors(file):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return list(f.keys())
+        return list(read_header(file).tensors)
     return list(read_weights_file(file))
 
 
@@ -446,6 +542,10 @@ def _load_vlkit(path: Path, device: str | torch.device, strict: bool, overrides:
         if str(text.get("tokenizer", "clip")).lower() not in CLIP_NAMES:
             # The tokenizer files travel with the directory: point at them wherever it now lives.
             text["tokenizer"] = str(path.resolve())
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():  # shapes and size against the config before anything is allocated
+        check_before_loading(lambda: create_model(config["model"]), header_shapes(weights), path / CONFIG_FILE,
+                             config, device=device)  # fmt: skip
     return _from_weights(config["model"], load_state_dict(path, device), path, device, strict, overrides)
 
 

@@ -32,7 +32,8 @@ DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m vlkit.losses.fused_check", description=__doc__.split("\n\n")[0])
+    summary = __doc__.split("\n\n")[0].replace("``", "")  # no docstring markup in help
+    p = argparse.ArgumentParser(prog="python -m vlkit.losses.fused_check", description=summary)
     p.add_argument("--batch-sizes", default="16384,65536", help="comma-separated B values to benchmark")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="feature dtype of the fused loss")

@@ -66,6 +66,7 @@ class NevaTask(Task):
 
     def _resolve_data(self) -> None:
         """Write the synthetic dataset if asked for and missing; find the tokenizer."""
+        check_stage1_adapter(self.cfg)  # before the dataset is written: a missing stage 1 is known in a millisecond
         data = self.cfg.data
         if data.kind == "synthetic_shapes_vqa":
             data = ensure_shapes_vqa(data, self.cfg.model.vision.img_h, self.dist.is_main)
@@ -256,6 +257,23 @@ def template_with_system(name: str, system: str | None) -> Any:
 
     template = get_template(name)
     return template if system is None else dataclasses.replace(template, system=system)
+
+
+def check_stage1_adapter(cfg: Any) -> None:
+    """Refuse a stage-2 config whose ``model.mm_cfg.pretrain_mm_mlp_adapter`` names nothing: stage 1 was not run
+    (``neva-tiny-finetune`` before ``neva-tiny-pretrain``). Only existence is checked here; what the path holds is
+    read (and checked) when the model is built."""
+    from vlkit.utils.errors import UserError
+
+    mm = cfg.model.mm_cfg
+    if mm is None or not mm.pretrain_mm_mlp_adapter or Path(mm.pretrain_mm_mlp_adapter).exists():
+        return
+    name = str(cfg.name or "")
+    stage1 = name[: -len("-finetune")] + "-pretrain" if name.endswith("-finetune") else "the stage-1 (pretrain) config"
+    raise UserError(
+        f"run {stage1} first (model.mm_cfg.pretrain_mm_mlp_adapter={mm.pretrain_mm_mlp_adapter} does not exist; "
+        "it is where stage 1 leaves the projector)"
+    )
 
 
 def ensure_shapes_vqa(data_cfg: Any, image_size: int, is_main: bool) -> Any:

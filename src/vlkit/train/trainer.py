@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -84,6 +85,9 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 class Trainer:
     """Runs ``task`` under ``cfg``: ``Trainer(cfg, task_cls).fit()``."""
 
+    # True: rank 0 prints only warnings and errors (no banner, progress or summary); metrics still go to the files.
+    quiet: bool = False
+
     def __init__(self, cfg: Config, task_cls: type[Task], dist_info: DistInfo | None = None) -> None:
         self.cfg = cfg
         tcfg = cfg.trainer
@@ -152,11 +156,7 @@ class Trainer:
         from vlkit.interop.native import RUN_MODEL_DIR, save_full_model
 
         path = save_full_model(self._inner_model(), self.out_dir / RUN_MODEL_DIR, extra={"step": self.step})
-        if path is not None:
-            from tqdm import tqdm
-
-            tqdm.write(f"model written to {path}")  # the progress bar may still be on screen
-        return path
+        return path  # fit()'s summary says where it is
 
     def resume(self, path: str | None = None) -> bool:
         """Load the checkpoint ``trainer.checkpoint.resume`` names (``path``: another one, "latest"/"auto" for the
@@ -365,15 +365,78 @@ class Trainer:
             if empty:
                 raise RuntimeError("the training data yielded no batch: check data.train_path and the batch size")
 
+    def _say(self, line: str) -> None:
+        if self.dist.is_main and not self.quiet:
+            print(line, flush=True)
+
+    def _warn_schedule(self) -> None:
+        horizon = self.cfg.schedule.max_steps or self.cfg.trainer.max_steps
+        key = "schedule.max_steps" if self.cfg.schedule.max_steps else "trainer.max_steps"
+        warmup = self.cfg.schedule.warmup_steps
+        if self.dist.is_main and warmup and warmup >= horizon:
+            print(
+                f"vlkit train: warning: schedule.warmup_steps={warmup} >= {key}={horizon}: the learning rate "
+                f"never leaves the warm-up (it peaks at step {horizon}, not {warmup})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _announce_start(self) -> None:
+        """Rank 0: where the run writes, on what it runs, what it trains."""
+        from vlkit.train.run_dir import CONFIG_FILE
+        from vlkit.utils.flops import count_parameters
+
+        tcfg, plan = self.cfg.trainer, self.plan
+        model = self._inner_model()
+        total, trainable = count_parameters(model), count_parameters(model, trainable_only=True)
+        sinks = [n for n, on in (("metrics.jsonl", tcfg.logging.jsonl), ("tb/", tcfg.logging.tensorboard)) if on]
+        layout = (
+            f"data parallel {plan.data_parallel} x {self.dp_size}, tensor parallel {plan.tensor_parallel}, "
+            f"precision {tcfg.precision}, activation checkpointing "
+            f"{', '.join(plan.activation_checkpointing) or 'off'}, compiled {'yes' if plan.compiled else 'no'}"
+        )
+        self._say(
+            f"run directory: {self.out_dir} ({CONFIG_FILE}; metrics: {', '.join(sinks) or 'off'}; "
+            f"checkpoints: {self.ckpt.directory})"
+        )
+        self._say(f"devices: {self.dist.world_size} x {self.device.type} | layout: {layout}")
+        self._say(
+            f"parameters: {total:,} total, {trainable:,} trainable | steps {self.step} -> {tcfg.max_steps}, "
+            f"global batch {tcfg.micro_batch_size * self.accum * self.dp_size} "
+            f"({tcfg.micro_batch_size} per process x {self.accum} accumulation x {self.dp_size} ranks)"
+        )
+
+    def _announce_end(self, seconds: float, checkpoint: Path | None, model_path: Path | None) -> None:
+        minutes, secs = divmod(int(round(seconds)), 60)
+        self._say(f"finished {self.cfg.name}: step {self.step}/{self.cfg.trainer.max_steps} in {minutes}m {secs:02d}s")
+        last = next((h for h in reversed(self.history) if "loss" in h), None)
+        if last is not None:
+            self._say("final metrics: " + format_line(last["step"], self.cfg.trainer.max_steps, last))
+        evals = next((h for h in reversed(self.history) if "loss" not in h), None)  # the last evaluation's entry
+        if evals is not None:
+            self._say(f"final eval (step {evals['step']}): " + " | ".join(
+                f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in evals.items() if k != "step"))  # fmt: skip
+        if checkpoint is not None:
+            self._say(f"checkpoint: {checkpoint}")
+        if model_path is not None:
+            self._say(f"model: {model_path} (vlkit eval / predict / convert --model {model_path})")
+
     def fit(self) -> list[dict[str, Any]]:
         tcfg = self.cfg.trainer
+        started = time.perf_counter()
         if tcfg.checkpoint.resume:
             resumed = self.resume()
-            if self.dist.is_main and not tcfg.checkpoint.weights_only:  # a new run: plan_resume said whence
-                print(f"resumed from step {self.step}" if resumed else "no checkpoint to resume from: starting fresh")
+            if not tcfg.checkpoint.weights_only:  # a new run: plan_resume said whence
+                self._say(
+                    f"resumed from step {self.step}" if resumed else "no checkpoint to resume from: starting fresh"
+                )
+            if resumed and self.step >= tcfg.max_steps and not tcfg.checkpoint.weights_only:
+                return self._finished_already()
+        self._warn_schedule()
+        self._announce_start()
         meter = Throughput(device_peak_flops(self.device, tcfg.peak_tflops), self.dist.world_size)
         sinks = MetricSinks(self.out_dir, self.dist.is_main, tcfg.logging.jsonl, tcfg.logging.tensorboard)
-        bar = _progress(self.dist.is_main, tcfg.max_steps, self.step)
+        bar = _progress(self.dist.is_main and not self.quiet, tcfg.max_steps, self.step)
         every = max(1, tcfg.logging.log_every_n_steps)
         batches_iter = self._batches()
         try:
@@ -392,7 +455,7 @@ class Trainer:
                     metrics.update(self._data_counters())
                     sinks.log(self.step, metrics)
                     self.history.append({"step": self.step, **metrics})
-                    if self.dist.is_main:
+                    if self.dist.is_main and not self.quiet:
                         _write(bar, format_line(self.step, tcfg.max_steps, metrics))
                     meter.reset()
                 interval = tcfg.val_check_interval
@@ -401,24 +464,46 @@ class Trainer:
                     if evaluation:
                         sinks.log(self.step, evaluation)
                         self.history.append({"step": self.step, **evaluation})
-                        if self.dist.is_main:
+                        if self.dist.is_main and not self.quiet:
                             _write(bar, f"step {self.step} eval | " + " | ".join(
                                 f"{k.split('/', 1)[-1]} {v:.4f}" for k, v in evaluation.items()))  # fmt: skip
                 every_ckpt = tcfg.checkpoint.every_n_steps
                 if every_ckpt and self.step % every_ckpt == 0 and self.step < tcfg.max_steps:
                     self.save()
-            self.save()
-            self.export_model()
+            checkpoint = self.save()
+            model_path = self.export_model()
         finally:
             if bar is not None:
                 bar.close()
             sinks.close()
             self.run_lock.release()
+        self._announce_end(time.perf_counter() - started, checkpoint, model_path)
+        return self.history
+
+    def _finished_already(self) -> list[dict[str, Any]]:
+        """``resume=latest`` on a run that reached ``trainer.max_steps``: nothing to train, nothing rewritten (the
+        model is exported only if the run died between its last checkpoint and the export)."""
+        from vlkit.interop.native import RUN_MODEL_DIR
+
+        try:
+            model_path = self.out_dir / RUN_MODEL_DIR
+            if self.cfg.trainer.save_model and not (model_path / "config.json").is_file():
+                self.export_model()  # collective: every rank takes this branch alike (the step is the checkpoint's)
+        finally:
+            self.run_lock.release()
+        self._say(
+            f"{self.out_dir}: the run is finished (step {self.step} >= trainer.max_steps="
+            f"{self.cfg.trainer.max_steps}); nothing to train. Raise trainer.max_steps to train on."
+        )
+        if self.cfg.trainer.save_model:
+            self._say(f"model: {model_path}")
         return self.history
 
 
 def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
+    # A bar redrawn with carriage returns is for a terminal; in a Slurm log or a redirected file it would be
+    # thousands of partial lines, so there the periodic log lines (format_line) are the progress.
+    if not enabled or not (sys.stdout.isatty() and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
