@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlkit.config import ConfigError
 from vlkit.losses import ContrastiveLoss
 from vlkit.models import create_model
 from vlkit.models.text import eot_positions
@@ -75,7 +76,12 @@ class CLIPTask(Task):
         if data.kind == "synthetic_shapes":
             data = ensure_shapes_dataset(data, self.cfg.model.vision.img_h, self.dist.is_main)
         self.val_path = data.val_path
-        tokenizer = get_tokenizer(self.cfg.model.text.tokenizer, self.cfg.model.text.encoder_seq_length)
+        text = self.cfg.model.text
+        tokenizer = get_tokenizer(text.tokenizer, text.encoder_seq_length)
+        if tokenizer.vocab_size > text.vocab_size:  # an id past the embedding table fails deep inside the model
+            raise ConfigError(f"model.text.vocab_size={text.vocab_size} is smaller than the {text.tokenizer!r} "
+                              f"tokenizer's {tokenizer.vocab_size} tokens: ids past the embedding table cannot be "
+                              "embedded")  # fmt: skip
         return loader_from_config(
             data,
             batch_size=micro_batch_size,

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vlkit.config import ConfigError
 from vlkit.models.neva import IGNORE_INDEX, IMAGE_TOKEN_INDEX, NevaModel
 from vlkit.tasks.base import Batch, Task
 
@@ -88,7 +89,7 @@ class NevaTask(Task):
         model.config = self.model_config = dataclasses.replace(mc, llm=llm, mm_cfg=mm)
         vocab = get_tokenizer(self.tokenizer_path).vocab_size
         if vocab > llm.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer at {self.tokenizer_path} has {vocab} tokens but model.llm.vocab_size is "
                 f"{llm.vocab_size}: ids past the embedding table cannot be trained on"
             )
