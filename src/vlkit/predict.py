@@ -75,7 +75,7 @@ def predict(model: Any, images: list[Any], topk: int = 5, batch_size: int = 32) 
     import torch
 
     from vlkit.data.transforms import get_transform
-    from vlkit.eval.common import model_device
+    from vlkit.utils.modules import model_device
 
     transform = get_transform(model, train=False)
     device = model_device(model)
@@ -121,8 +121,9 @@ def predict_zeroshot(
 
     from vlkit.data.tokenizer import get_tokenizer
     from vlkit.data.transforms import get_transform
-    from vlkit.eval.common import logit_scale, model_device
+    from vlkit.eval.common import logit_scale
     from vlkit.eval.zeroshot import build_classifier
+    from vlkit.utils.modules import model_device
 
     text_cfg = model.config.text
     tokenizer = get_tokenizer(text_cfg.tokenizer, text_cfg.encoder_seq_length)

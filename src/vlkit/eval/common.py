@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vlkit.utils.errors import UserError
+from vlkit.utils.modules import is_sharded, model_device, unwrap
 
 CLASSES_FILE = "classes.json"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -118,34 +119,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    if param is None:
-        return torch.device("cpu")
-    local = getattr(param, "_local_tensor", param)  # DTensor under FSDP / tensor parallel
-    return local.device
-
-
-# ----------------------------------------------------------------------------------------------------------- models
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module whose methods the evaluators call: DDP's ``.module``, torch.compile's original module."""
-    model = getattr(model, "_orig_mod", model)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when some parameter is a DTensor (FSDP2, tensor parallel): every rank must join every forward."""
-    # No DTensor can exist before its module is imported, and importing it costs seconds.
-    module = sys.modules.get("torch.distributed.tensor")
-    if module is None:
-        return False
-    return any(isinstance(p, module.DTensor) for p in model.parameters())
 
 
 def register_forward_methods(model: nn.Module, names: Sequence[str]) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.eval.common import PRECISIONS, EvalResult, EvalUsageError, find_classes_file, model_device, unwrap
+from vlkit.eval.common import PRECISIONS, EvalResult, EvalUsageError, find_classes_file
+from vlkit.utils.modules import model_device, unwrap
 
 log = logging.getLogger("vlkit.eval")
 

@@ -192,7 +192,7 @@ class Assistant:
 
     @property
     def inner(self) -> nn.Module:
-        from vlkit.eval.common import unwrap
+        from vlkit.utils.modules import unwrap
 
         return unwrap(self.model)
 
@@ -252,7 +252,8 @@ class Assistant:
                 if image is None:
                     raise ValueError(f"conversation {i} has an {IMAGE_TOKEN} placeholder but no image")
                 pixels[i] = self.image_tensor(image)
-        from vlkit.eval.common import autocast, model_device, register_forward_methods
+        from vlkit.eval.common import autocast, register_forward_methods
+        from vlkit.utils.modules import model_device
 
         device = model_device(inner)
         pad = inner.config.llm.pad_token_id
@@ -414,7 +415,6 @@ def evaluate_vqa(
     """
     from vlkit.eval.common import (
         all_reduce_sum,
-        is_sharded,
         lockstep,
         model_names,
         progress_bar,
@@ -439,6 +439,8 @@ def evaluate_vqa(
     shard = resolve_shard(distributed, group)
     mine = items[shard.rank :: shard.world_size]
     # A model sharded over the ranks needs every rank in every forward: fixed-length generation in lockstep.
+    from vlkit.utils.modules import is_sharded
+
     sharded = shard.distributed and is_sharded(assistant.inner)
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     categories = sorted({it.category for it in items if it.category is not None})

@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,6 +43,7 @@ from vlkit.interop.checkpoint_files import (
 )
 from vlkit.models.factory import create_model, model_config_dict, resolve_model_config
 from vlkit.utils.errors import UserError
+from vlkit.utils.modules import is_sharded, unwrap
 
 FORMAT = "vlkit"
 CONFIG_FILE = "config.json"
@@ -153,23 +153,6 @@ def save_model(model: nn.Module, path: str | Path, extra: dict | None = None) ->
     return Path(path)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the model's own: without DDP's ``module.`` or compile's wrapper."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _has_dtensor(model: nn.Module) -> bool:
-    # No DTensor can exist before its module is imported (and importing it costs seconds).
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and any(isinstance(p, module.DTensor) for p in model.parameters())
-
-
 def save_full_model(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path | None:
     """Write the whole of ``model`` as a vlkit model directory, whatever its layout: plain, DDP, ``torch.compile``d,
     or sharded by FSDP2 / tensor parallel (its DTensors are gathered into full CPU tensors first).
@@ -183,10 +166,10 @@ def save_full_model(model: nn.Module, path: str | Path, extra: dict | None = Non
     """
     import torch.distributed as dist
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     config = model_config_dict(inner)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if _has_dtensor(inner):
+    if is_sharded(inner):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # Every rank takes part in the gather; with cpu_offload only rank 0 keeps the full tensors.

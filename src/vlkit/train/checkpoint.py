@@ -75,6 +75,7 @@ from vlkit.interop.checkpoint_files import (
 from vlkit.interop.native import CONFIG_FILE, _dedupe, _fsync_dir, atomic_write_dir, clean_state_dict
 from vlkit.interop.native import FORMAT as MODEL_FORMAT
 from vlkit.train.rng import capture_rng_state, restore_rng_state
+from vlkit.utils.modules import is_sharded, unwrap
 
 __all__ = ["CheckpointError", "CheckpointManager", "capture_rng_state", "restore_rng_state"]
 
@@ -107,27 +108,6 @@ def _write_synced(file: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------- models, wrappers and DTensors
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the checkpoint's: without DDP's ``module.`` or compile's wrapper."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _has_dtensor(model: nn.Module) -> bool:
-    if not dist.is_available():
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _has_state(optimizer: torch.optim.Optimizer | None) -> bool:
@@ -341,8 +321,8 @@ class CheckpointManager:
             The checkpoint directory.
         """
         distributed = self._distributed()
-        target_model = _unwrap(model)
-        has_dtensor = _has_dtensor(target_model)
+        target_model = unwrap(model)
+        has_dtensor = is_sharded(target_model)
         if sharded is None:
             sharded = distributed and has_dtensor
         target = self.directory / f"step_{step:08d}"
@@ -552,7 +532,7 @@ class CheckpointManager:
         path = self._resolve(path)
         info = read_train_state(path)
         self._distributed()
-        target_model = _unwrap(model)
+        target_model = unwrap(model)
         if optimizer is not None and info.get("optimizer") is None:
             raise CheckpointError(f"{path}: holds no optimizer state")
         if scheduler is not None and info.get("scheduler") is None:
@@ -596,7 +576,7 @@ class CheckpointManager:
         osd = None
         if optimizer is not None:
             osd = decode_state(info["optimizer"], read_tensors(path / OPTIM_FILE))
-        if _has_dtensor(model):
+        if is_sharded(model):
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,

@@ -30,6 +30,7 @@ from vlkit.train.optim import build_optimizer, build_scheduler
 from vlkit.train.resume_config import apply_hyperparameters, plan_resume
 from vlkit.train.rng import capture_rng_state, restore_rng_state
 from vlkit.train.run_dir import checkpoint_dir, claim_output_dir
+from vlkit.utils.modules import unwrap
 
 log = logging.getLogger("vlkit.train")
 
@@ -204,7 +205,7 @@ class Trainer:
         return True
 
     def _inner_model(self) -> nn.Module:
-        return getattr(self.model, "module", self.model)  # DDP wraps; FSDP2 / TP modify in place
+        return unwrap(self.model)  # DDP wraps; FSDP2 / TP modify in place
 
     # -- one optimizer step ---------------------------------------------------------------------------------------
     def _autocast(self):
