@@ -96,15 +96,43 @@ USER_MISTAKES = [
     (["info", "clip-b61"], ["clip-b61", "clip-b16"]),
     # training inputs that are wrong before any work
     (["train", "neva-tiny-finetune", "trainer.output_dir={out}"], ["run neva-tiny-pretrain first"]),
-    (["train", "clip-tiny", "data.kind=webdataset", "data.train_path=/nonexistent/{{000..003}}.tar",
-      "trainer.output_dir={out}"], ["data.train_path", "/nonexistent", "matches no file"]),  # fmt: skip
-    (["train", "clip-tiny", "data.kind=webdataset", "data.train_path={d}/nope/", "trainer.output_dir={out}"],
-     ["data.train_path", "nope"]),  # fmt: skip
-    (["train", "clip-tiny", "trainer.checkpoint.resume=/nonexistent/ckpt", "data.kind=webdataset",
-      "data.train_path={d}/garbage.tar", "trainer.output_dir={out}"], ["/nonexistent/ckpt"]),  # fmt: skip
-    (["train", "clip-tiny", "model.text.vocab_size=512", "model.text.eot_token_id=511", "data.kind=webdataset",
-      "data.train_path={d}/garbage.tar", "trainer.output_dir={out}"],
-     ["model.text.vocab_size=512", "49408"]),  # fmt: skip
+    (
+        [
+            "train",
+            "clip-tiny",
+            "data.kind=webdataset",
+            "data.train_path=/nonexistent/{{000..003}}.tar",
+            "trainer.output_dir={out}",
+        ],
+        ["data.train_path", "/nonexistent", "matches no file"],
+    ),  # fmt: skip
+    (
+        ["train", "clip-tiny", "data.kind=webdataset", "data.train_path={d}/nope/", "trainer.output_dir={out}"],
+        ["data.train_path", "nope"],
+    ),  # fmt: skip
+    (
+        [
+            "train",
+            "clip-tiny",
+            "trainer.checkpoint.resume=/nonexistent/ckpt",
+            "data.kind=webdataset",
+            "data.train_path={d}/garbage.tar",
+            "trainer.output_dir={out}",
+        ],
+        ["/nonexistent/ckpt"],
+    ),  # fmt: skip
+    (
+        [
+            "train",
+            "clip-tiny",
+            "model.text.vocab_size=512",
+            "model.text.eot_token_id=511",
+            "data.kind=webdataset",
+            "data.train_path={d}/garbage.tar",
+            "trainer.output_dir={out}",
+        ],
+        ["model.text.vocab_size=512", "49408"],
+    ),  # fmt: skip
     # evaluation
     (["eval", "zeroshot", "--model", "{d}/nowhere", "--data", "{d}"], ["nowhere"]),
     (["eval", "retrieval", "--model", "{d}/model", "--data", "{d}/garbage.tar"], ["model"]),

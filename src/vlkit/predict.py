@@ -155,10 +155,9 @@ def run(args: argparse.Namespace) -> int:
 
     from vlkit.config import ConfigError
     from vlkit.data.images import ImageDecodeError, read_image, to_rgb
-    from vlkit.eval.cli import resolve_model_path
     from vlkit.eval.common import EvalUsageError, resolve_device
     from vlkit.eval.templates import resolve_templates
-    from vlkit.interop.native import ModelFormatError, load_model
+    from vlkit.interop.native import ModelFormatError, load_model, resolve_model_path
 
     try:  # before the model is loaded: a typo in a file name fails at once
         labels = parse_labels(args.labels, args.labels_file)

@@ -103,7 +103,7 @@ def test_classify_text_output(vit_dir, shapes_folder, capsys):
 
 
 def test_model_path_follows_the_latest_checkpoint(tmp_path):
-    from vlkit.eval.cli import resolve_model_path
+    from vlkit.interop.native import resolve_model_path
 
     step = tmp_path / "run" / "checkpoints" / "step_00000600"
     step.mkdir(parents=True)

@@ -25,7 +25,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -502,8 +501,7 @@ def turns_from_json(conversations: Sequence[dict], where: str = "") -> list[Turn
     return turns
 
 
-def load_template_tokenizer(path: str | Path, template: str) -> ConversationTokenizer:
-    """A :class:`ConversationTokenizer` from a ``tokenizer.json`` (or a directory holding one) and a template name."""
-    from vlkit.data.tokenizer import get_tokenizer
-
-    return ConversationTokenizer(get_tokenizer(path), template)
+def template_with_system(name: str, system: str | None) -> Template:
+    """The conversation template ``name`` with its default system prompt replaced by ``system`` (None: kept)."""
+    template = get_template(name)
+    return template if system is None else replace(template, system=system)

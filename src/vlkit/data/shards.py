@@ -29,7 +29,6 @@ import contextlib
 import copy
 import hashlib
 import importlib
-import io
 import itertools
 import json
 import logging
@@ -60,61 +59,14 @@ _UNSAFE_KEY = re.compile(r"^[/\\]|^[A-Za-z]:|\0")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Decoding (the real decoder lives in vlkit.data.images; a minimal stand-in keeps this module usable without it)
-
-
-class DecodeError(ValueError):
-    """An image that cannot be decoded; ``reason`` is one of corrupt | empty | too_large | unsupported."""
-
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(message or reason)
-        self.reason = reason
-
-
-_decoder: Callable[[bytes, str], Any] | None = None
+# Decoding
 
 
 def default_decode(data: bytes, key: str = "") -> Any:
-    """Decode image bytes to an RGB PIL image with ``vlkit.data.images`` (or a minimal fallback when absent)."""
-    global _decoder
-    if _decoder is None:
-        try:
-            from vlkit.data.images import decode_image, to_rgb
-        except ModuleNotFoundError as e:
-            if e.name not in ("vlkit.data.images",):
-                raise
-            _decoder = _fallback_decode
-        else:
+    """Decode image bytes to an RGB PIL image (``vlkit.data.images``: size limits, 16-bit and alpha handled)."""
+    from vlkit.data.images import decode_image, to_rgb
 
-            def _decoder(data: bytes, key: str = "") -> Any:
-                return to_rgb(decode_image(data, key))
-
-    return _decoder(data, key)
-
-
-def _fallback_decode(data: bytes, key: str = "") -> Any:
-    from PIL import Image
-
-    if not data:
-        raise DecodeError("empty", "zero-byte image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError("too_large", str(e)) from e
-    except Exception as e:
-        raise DecodeError("corrupt", f"{type(e).__name__}: {e}") from e
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        import numpy as np
-
-        img = Image.fromarray((np.asarray(img).astype("uint32") >> 8).clip(0, 255).astype("uint8"))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return to_rgb(decode_image(data, key))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,7 +412,7 @@ class StreamDataset(IterableDataset):
                 reason, detail = getattr(e, "reason", None) or "corrupt", f"{type(e).__name__}: {e}"
         if reason is None:
             try:
-                with _seeded(_sample_seed(self.seed, self.epoch, url, record.index)):
+                with seeded(sample_seed(self.seed, self.epoch, url, record.index)):
                     tensor = self.image_transform(image)
             except Exception as e:
                 reason, detail = "transform_error", f"{type(e).__name__}: {e}"
@@ -627,13 +579,14 @@ class ShardDataset(StreamDataset):
 # The loader: position tracking and metrics in the main process
 
 
-def _sample_seed(seed: int, epoch: int, url: str, index: int) -> int:
+def sample_seed(seed: int, epoch: int, url: str, index: int) -> int:
+    """The seed of one sample's random augmentation: a function of where it is, not of who reads it when."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{url}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
     # In a worker process the RNGs belong to the data pipeline; in the main process (num_workers=0) they belong to the
     # training loop, so they are put back afterwards.
     restore = get_worker_info() is None

@@ -155,28 +155,14 @@ def _check_path(option: str, value: str) -> None:
         raise EvalUsageError(f"{option} {value}: no such file or directory")
 
 
-def resolve_model_path(path: str) -> str:
-    """The directory ``--model PATH`` stands for: a model or checkpoint directory is itself; a run directory or its
-    ``checkpoints/`` folder, its latest complete checkpoint (the trainer's rule; see
-    :func:`vlkit.interop.native.resolve_model_source`). Left as given when nothing fits, so that loading it says
-    what is wrong."""
-    from pathlib import Path
-
-    from vlkit.interop.native import ModelFormatError, resolve_model_source
-
-    try:
-        found = resolve_model_source(path)
-    except (ModelFormatError, OSError):
-        return path
-    return path if found == Path(path) else str(found)
-
-
 def _run(args: argparse.Namespace, task: str) -> int:
     from vlkit.config import ConfigError
     from vlkit.eval.common import EvalUsageError, is_shard_spec, resolve_device
     from vlkit.interop.native import ModelFormatError, load_model
 
     _check_path("--model", args.model)
+    from vlkit.interop.native import resolve_model_path
+
     model_path = resolve_model_path(args.model)
     if not is_shard_spec(args.data):  # before loading the model: a typo should not cost a model load
         _check_path("--data", args.data)

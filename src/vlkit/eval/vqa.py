@@ -347,13 +347,12 @@ def load_assistant(
         EvalUsageError: a missing path, a model that is not NeVA, no tokenizer, or a template it cannot serve.
     """
     from vlkit.config import ConfigError
+    from vlkit.data.conversation import template_with_system
     from vlkit.data.llava import image_transform
     from vlkit.data.tokenizer import get_tokenizer
-    from vlkit.eval.cli import resolve_model_path
     from vlkit.eval.common import autocast_dtype, resolve_device
-    from vlkit.interop.native import ModelFormatError, load_model
+    from vlkit.interop.native import ModelFormatError, load_model, resolve_model_path
     from vlkit.models.neva import NevaModel
-    from vlkit.tasks.neva import template_with_system
 
     if not os.path.exists(model_path):
         raise EvalUsageError(f"--model {model_path}: no such file or directory")

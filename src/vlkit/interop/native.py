@@ -409,6 +409,18 @@ def resolve_model_source(path: str | Path) -> Path:
     return exported if (exported / CONFIG_FILE).is_file() else path
 
 
+def resolve_model_path(path: str) -> str:
+    """The directory ``--model PATH`` stands for: a model or checkpoint directory is itself; a run directory or its
+    ``checkpoints/`` folder, its latest complete checkpoint (the trainer's rule; see
+    :func:`vlkit.interop.native.resolve_model_source`). Left as given when nothing fits, so that loading it says
+    what is wrong."""
+    try:
+        found = resolve_model_source(path)
+    except (ModelFormatError, OSError):
+        return path
+    return path if found == Path(path) else str(found)
+
+
 def detect_format(path: str | Path) -> tuple[str, Path]:
     """Which kind of model ``path`` holds, judged by content: ``(kind, where)``.
 

@@ -312,7 +312,7 @@ def init_from_checkpoint(cfg: Config) -> tuple[nn.Module, Config, list[str]]:
         ValueError: the source cannot be read, has no ViT backbone, or its weights do not fit; naming the path.
     """
     import vlkit
-    from vlkit.eval.cli import resolve_model_path
+    from vlkit.interop.native import resolve_model_path
 
     path = cfg.model.init_from
     try:
@@ -385,9 +385,9 @@ class _SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        from vlkit.data.shards import _sample_seed, _seeded
+        from vlkit.data.shards import sample_seed, seeded
 
-        with _seeded(_sample_seed(self.seed, self.epoch, "imagefolder", index)):
+        with seeded(sample_seed(self.seed, self.epoch, "imagefolder", index)):
             return self.dataset[index]
 
 

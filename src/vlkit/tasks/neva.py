@@ -59,7 +59,7 @@ class NevaTask(Task):
 
     def conversation_tokenizer(self) -> Any:
         """The template (with ``data.system_prompt`` when set) over the LLM tokenizer."""
-        from vlkit.data.conversation import ConversationTokenizer
+        from vlkit.data.conversation import ConversationTokenizer, template_with_system
         from vlkit.data.tokenizer import get_tokenizer
 
         template = template_with_system(self.template, self.data.system_prompt)
@@ -251,14 +251,6 @@ def spliced_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_
     real = attention_mask.bool()
     placeholders = ((input_ids == IMAGE_TOKEN_INDEX) & real).sum(1)
     return int((real.sum(1) + placeholders * (image_tokens - 1)).max())
-
-
-def template_with_system(name: str, system: str | None) -> Any:
-    """The conversation template ``name`` with its default system prompt replaced by ``system`` (None: kept)."""
-    from vlkit.data.conversation import get_template
-
-    template = get_template(name)
-    return template if system is None else dataclasses.replace(template, system=system)
 
 
 def check_stage1_adapter(cfg: Any) -> None:
