@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
     from vlkit.eval.vqa import load_assistant
 
     try:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_image(assistant: Any, path: str) -> Any:
     """The transformed image; a missing or undecodable file is a usage error naming it."""
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
 
     if not os.path.isfile(path):
         raise EvalUsageError(f"{path}: no such file")
@@ -136,7 +136,7 @@ def repl(
 ) -> int:
     """The interactive loop: a line in, an answer out, until /quit or end of input (Ctrl-D)."""
     from vlkit.data.conversation import GPT, HUMAN, IMAGE_TOKEN, Turn
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
 
     out = out or sys.stdout
     plain = assistant.chat.template.plain  # a stage-1 model takes one exchange: every question starts over

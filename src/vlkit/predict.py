@@ -121,7 +121,7 @@ def predict_zeroshot(
 
     from vlkit.data.tokenizer import get_tokenizer
     from vlkit.data.transforms import get_transform
-    from vlkit.eval.common import logit_scale
+    from vlkit.eval.runtime import logit_scale
     from vlkit.eval.zeroshot import build_classifier
     from vlkit.utils.modules import model_device
 
@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
 
     from vlkit.config import ConfigError
     from vlkit.data.images import ImageDecodeError, read_image, to_rgb
-    from vlkit.eval.common import EvalUsageError, resolve_device
+    from vlkit.eval.results import EvalUsageError
+    from vlkit.eval.runtime import resolve_device
     from vlkit.eval.templates import resolve_templates
     from vlkit.interop.native import ModelFormatError, load_model, resolve_model_path
 

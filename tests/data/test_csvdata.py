@@ -94,7 +94,7 @@ def test_csv_labels_and_resume(tmp_path):
             rows_per_part=4,
             shuffle_buffer=3,
         )
-        from vlkit.data.shards import ShardLoader
+        from vlkit.data.stream import ShardLoader
 
         return ShardLoader(ds, num_workers=0)
 

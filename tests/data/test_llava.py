@@ -303,7 +303,7 @@ def test_loader_shards_shuffles_and_resumes(tmp_path, tok):
     b = LlavaLoader(ds, 2, collate, seed=3)
     b.load_state_dict(json.loads(json.dumps(state)))
     assert [x["ids"] for x in b] == rest and len(consumed) + len(rest) == 5
-    with pytest.raises(ValueError, match="saved with batch_size=2, this loader has 4"):
+    with pytest.raises(ValueError, match="saved batch_size=2, this loader has 4"):
         LlavaLoader(ds, 4, collate, seed=3).load_state_dict(state)
 
 

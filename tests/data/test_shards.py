@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from vlkit.data import sources
-from vlkit.data.shards import ShardDataset, ShardLoader, build_shard_loader, iter_tar, split_name
+from vlkit.data.shards import ShardDataset, build_shard_loader, iter_tar, split_name
+from vlkit.data.stream import ShardLoader
 
 
 def jpeg(i: int, size: int = 16) -> bytes:
@@ -302,16 +303,13 @@ def test_metrics_and_warnings_are_aggregated_across_workers(tmp_path):
 
 
 def test_integration_with_real_tokenizer_transforms_and_shapes(tmp_path):
-    """The real tokenizer, transforms, decoder and synthetic shapes writer, when they are importable."""
-    tok_mod = pytest.importorskip("vlkit.data.tokenizer")
-    tr_mod = pytest.importorskip("vlkit.data.transforms")
-    try:
-        from vlkit.data.shapes import write_shapes_dataset
-    except ImportError:
-        path = make_shards(tmp_path / "d", 2, 4, label=True)
-    else:
-        write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=32, shard_size=4, workers=1, progress=False)
-        path = str(tmp_path / "shapes" / "train")
+    """The real tokenizer, transforms, decoder and synthetic shapes writer."""
+    from vlkit.data import tokenizer as tok_mod
+    from vlkit.data import transforms as tr_mod
+    from vlkit.data.shapes import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "shapes", train=8, val=4, size=32, shard_size=4, workers=1, progress=False)
+    path = str(tmp_path / "shapes" / "train")
     tf = tr_mod.get_transform(SimpleNamespace(img_h=24, img_w=24), train=True)
     ds = ShardDataset(path, batch_size=4, image_transform=tf, tokenizer=tok_mod.get_tokenizer("clip"), label_key="cls")
     ld = ShardLoader(ds, num_workers=0)

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vlkit.data.shards import ShardError, build_shard_loader, iter_samples
+from vlkit.data.shards import build_shard_loader, iter_samples
+from vlkit.data.stream import ShardError
 
 BLOCK = 512
 N_SAMPLES = 6

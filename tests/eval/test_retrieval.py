@@ -5,7 +5,7 @@ import torch
 from eval_fakes import FakeCLIP, identity, index_images
 
 from vlkit.eval import evaluate_retrieval, rank_metrics, retrieval_metrics, retrieval_ranks
-from vlkit.eval.common import split_captions
+from vlkit.eval.data import split_captions
 
 # Similarities image x text, two captions per image (texts 2i and 2i+1 describe image i). With one-hot image
 # features, text t's feature is column t, so the dot products are exactly this matrix.

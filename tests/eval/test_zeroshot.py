@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from eval_fakes import FakeCLIP, identity, index_images
 
 from vlkit.eval import EvalUsageError, average_prompt_embeddings, build_classifier, evaluate_zeroshot
-from vlkit.eval.common import TopKCounter
 from vlkit.eval.templates import (
     builtin_templates,
     fill_template,
@@ -16,6 +15,7 @@ from vlkit.eval.templates import (
     resolve_classnames,
     resolve_templates,
 )
+from vlkit.eval.topk import TopKCounter
 
 CLASSES = ["zero", "one", "two", "three"]
 # Image i's feature; labels are [0, 0, 1, 1, 2, 2, 3, 3]. Images 1 and 7 are misclassified (as 1 and 2): top-1 6/8.

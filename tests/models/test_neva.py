@@ -39,7 +39,8 @@ def batch():
 
 
 def test_placeholder_id_is_the_data_modules():
-    conversation = pytest.importorskip("vlkit.data.conversation")
+    from vlkit.data import conversation
+
     assert conversation.IMAGE_TOKEN_INDEX == IMAGE_TOKEN_INDEX and conversation.IGNORE_INDEX == IGNORE_INDEX
 
 
@@ -85,7 +86,8 @@ def test_start_end_embeddings_surround_the_image():
 
 
 def test_image_token_count_agrees_with_the_data_module():
-    llava = pytest.importorskip("vlkit.data.llava")
+    from vlkit.data import llava
+
     for start_end in (False, True):
         for drop in (0, 1):
             model = tiny(**{"mm_cfg.use_im_start_end": start_end, "mm_cfg.vision_encoder.class_token_length": drop})

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 from vlkit.cli import main
 from vlkit.config import ConfigError, load_config
 from vlkit.config.schema import OptimConfig
+from vlkit.data.imagefolder import ImageFolderLoader
 from vlkit.data.shapes import write_shapes_dataset
 from vlkit.interop.native import save_model
 from vlkit.models import create_model
 from vlkit.parallel import DistInfo
 from vlkit.tasks import task_for
-from vlkit.tasks.classify import ClassifyTask, ImageFolderLoader, init_from_checkpoint
+from vlkit.tasks.classify import ClassifyTask, init_from_checkpoint
 from vlkit.train.ema import ModelEma
 from vlkit.train.optim import build_optimizer, build_scheduler
 from vlkit.train.trainer import Trainer
@@ -216,13 +217,13 @@ def test_resume_is_exact_with_ema_mixup_and_augmentation(shapes, tmp_path):
     b = second.model.state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    ema_a, ema_b = whole.task.ema.state_dict(), second.task.ema.state_dict()
+    ema_a, ema_b = whole.ema.state_dict(), second.ema.state_dict()
     assert ema_a["updates"] == ema_b["updates"] == 3  # created after step 1, updated after steps 2, 3, 4
     for name, value in ema_a["params"].items():
         assert torch.equal(value, ema_b["params"][name]), name
     # The EMA travels in the checkpoint and is exported with the class names at the end.
     extra = load_file(str(tmp_path / "split" / "checkpoints" / "step_00000004" / "extra.safetensors"))
-    assert any(k.startswith("state.task.ema.params.") for k in extra)
+    assert any(k.startswith("state.ema.params.") for k in extra)
     exported = tmp_path / "split" / "model_ema"
     assert json.loads((exported / "classes.json").read_text())["classes"][0] == "blue circle"
 

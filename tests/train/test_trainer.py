@@ -147,3 +147,61 @@ def test_lit_unlocked_groups_train_the_last_blocks(tmp_path):
     assert all(not p.requires_grad for p in blocks[0].parameters())
     assert all(p.requires_grad for p in blocks[1].parameters())
     assert model.visual.proj.weight.requires_grad and not model.visual.patch_embed.proj.weight.requires_grad
+
+
+class _RecordingCLIPTask(FixedDataCLIPTask):
+    """Keeps the trainable weights after each optimizer step (after CLIP's clamp: what the average takes)."""
+
+    def after_optimizer_step(self, model):
+        super().after_optimizer_step(model)
+        self.seen = getattr(self, "seen", [])
+        self.seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+
+def test_clip_task_gets_the_trainers_weight_average(tmp_path):
+    """trainer.ema_decay is the trainer's: a CLIP run keeps, checkpoints and exports the average the decay says."""
+    cfg = load_config("clip-tiny", [*BASE, f"trainer.output_dir={tmp_path}", "trainer.micro_batch_size=8",
+                                    "trainer.max_steps=3", "trainer.ema_decay=0.5"])  # fmt: skip
+    trainer = Trainer(cfg, _RecordingCLIPTask)
+    trainer.fit()
+    w1, w2, w3 = trainer.task.seen
+    # Created at step 1 as a copy; then d_n = min(0.5, (1+n)/(10+n)): 0.1 after step 2, 2/11 after step 3.
+    d2, d3 = 0.1, 2 / 11
+    expected = {n: d3 * (d2 * w1[n] + (1 - d2) * w2[n]) + (1 - d3) * w3[n] for n in w3}
+    exported = load_file(str(tmp_path / "model_ema" / "model.safetensors"))
+    model = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert trainer.ema.updates == 2
+    for name, value in expected.items():
+        torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(exported[n], model[n]) for n in expected)
+    ckpt = load_file(str(tmp_path / "checkpoints" / "step_00000003" / "extra.safetensors"))
+    assert any(k.startswith("state.ema.params.") for k in ckpt)
+
+
+def test_ema_metric_names():
+    from vlkit.train.trainer import ema_metric_name
+
+    assert ema_metric_name("eval/classify/acc1") == "eval/classify_ema/acc1"
+    assert ema_metric_name("eval/zeroshot/shapes/acc1") == "eval/zeroshot_ema/shapes/acc1"
+
+
+def test_resume_reads_the_weight_average_where_earlier_versions_kept_it(tmp_path):
+    """Checkpoints written before the EMA became the trainer's hold it in the task's state: resuming still takes it."""
+    ema = ["trainer.micro_batch_size=8", "trainer.ema_decay=0.5"]
+    whole = Trainer(load_config("clip-tiny", [*BASE, *ema, f"trainer.output_dir={tmp_path / 'whole'}",
+                                              "trainer.max_steps=3"]), FixedDataCLIPTask)  # fmt: skip
+    whole.fit()
+    split = tmp_path / "split"
+    Trainer(load_config("clip-tiny", [*BASE, *ema, f"trainer.output_dir={split}", "trainer.max_steps=2"]),
+            FixedDataCLIPTask).fit()  # fmt: skip
+    state_file = split / "checkpoints" / "step_00000002" / "train_state.json"
+    info = json.loads(state_file.read_text())
+    info["state"]["task"] = {"ema": info["state"].pop("ema")}  # the old layout (tensor references are unchanged)
+    state_file.write_text(json.dumps(info))
+    second = Trainer(load_config("clip-tiny", [*BASE, *ema, f"trainer.output_dir={split}", "trainer.max_steps=3",
+                                               "trainer.checkpoint.resume=latest"]), FixedDataCLIPTask)  # fmt: skip
+    second.fit()
+    a, b = whole.ema.state_dict(), second.ema.state_dict()
+    assert a["updates"] == b["updates"] == 2
+    for name, value in a["params"].items():
+        torch.testing.assert_close(b["params"][name], value, rtol=0, atol=0)

@@ -8,7 +8,7 @@ from vlkit.utils.errors import DataError, UserError, environment_failure, find_u
 def test_the_user_facing_errors_are_one_family_and_still_value_errors():
     from vlkit.config import ConfigError
     from vlkit.data.tar import TarFormatError
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
     from vlkit.interop.checkpoint_files import CheckpointError
     from vlkit.interop.cli import UsageError
     from vlkit.interop.native import ModelFormatError

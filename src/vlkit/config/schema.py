@@ -277,7 +277,7 @@ class TrainerConfig:
     collective_timeout_s: float = 600.0  # a dead rank makes the others fail after this, instead of hanging
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs only (no MFU on unknown ones)
     val_check_interval: int = 0
-    ema_decay: Optional[float] = None  # exponential moving average of the weights (classify task); None: off
+    ema_decay: Optional[float] = None  # exponential moving average of the weights (any task); None: off
     seed: int = 0
     devices: Any = "auto"
     num_nodes: int = 1

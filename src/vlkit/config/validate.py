@@ -227,6 +227,8 @@ def validate(cfg: Config) -> list[str]:
     if tr.gradient_clip_val is not None and tr.gradient_clip_val <= 0:
         p.append(f"trainer.gradient_clip_val={tr.gradient_clip_val} must be positive (or null to disable)")
     _positive(p, "trainer.num_nodes", tr.num_nodes)
+    if tr.ema_decay is not None and not 0.0 <= tr.ema_decay < 1.0:
+        p.append(f"trainer.ema_decay={tr.ema_decay} must be in [0, 1) (or null: off)")
     _choice(p, "trainer.accelerator", tr.accelerator, ("auto", "cpu", "cuda"))
     _choice(p, "parallel.data_parallel", par.data_parallel, DATA_PARALLEL)
 

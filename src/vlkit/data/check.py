@@ -16,16 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlkit.data.shards import (
-    DEFAULT_IMAGE_KEY,
-    DEFAULT_TEXT_KEY,
-    TOO_LARGE,
-    ShardError,
-    default_decode,
-    is_unsafe_key,
-    iter_tar,
-)
+from vlkit.data.shards import DEFAULT_IMAGE_KEY, iter_tar
 from vlkit.data.sources import expand_urls, is_remote, shard_sizes
+from vlkit.data.stream import DEFAULT_TEXT_KEY, TOO_LARGE, ShardError, default_decode, is_unsafe_key
 
 CONTEXT_LENGTH = 77
 BINS = ((1, 8), (9, 16), (17, 32), (33, 48), (49, 64), (65, 77), (78, 128), (129, 256), (257, None))
@@ -49,32 +42,14 @@ def find_shards(target: str) -> list[str]:
 def token_counter(name: str | None) -> tuple[Callable[[list[str]], list[int]], str, str]:
     """(captions -> token counts including start/end tokens, tokenizer description, note).
 
-    Uses vlkit's tokenizer when importable, else open_clip's CLIP BPE, else whitespace-separated words (+2).
+    Uses vlkit's tokenizer ``name``; ``words`` (or no name) counts whitespace-separated words (+2).
     """
     if name and name != "words":
-        try:
-            from vlkit.data.tokenizer import get_tokenizer
+        from vlkit.data.tokenizer import get_tokenizer
 
-            tok = get_tokenizer(name)
-        except ImportError:
-            tok = None
-        if tok is not None:
-            counter, note = _vlkit_counter(tok)
-            return counter, f"vlkit:{name}", note
-        if name == "clip":
-            try:
-                from open_clip.tokenizer import SimpleTokenizer
-
-                bpe = SimpleTokenizer()
-                return (
-                    lambda caps: [len(bpe.encode(c)) + 2 for c in caps],
-                    "open_clip:clip",
-                    "vlkit's tokenizer is not importable; counted with open_clip's CLIP BPE (the same ids)",
-                )
-            except ImportError:
-                pass
-    note = "no CLIP tokenizer importable: lengths are whitespace-separated words + 2, not BPE tokens"
-    return lambda caps: [len(c.split()) + 2 for c in caps], "words", note if name != "words" else ""
+        counter, note = _vlkit_counter(get_tokenizer(name))
+        return counter, f"vlkit:{name}", note
+    return lambda caps: [len(c.split()) + 2 for c in caps], "words", ""
 
 
 def _vlkit_counter(tok: Any) -> tuple[Callable[[list[str]], list[int]], str]:

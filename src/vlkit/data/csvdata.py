@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlkit.data.shards import Record, StreamDataset
+from vlkit.data.stream import Record, ShardLoader, StreamDataset
 from vlkit.utils.errors import DataError
 
 IMAGE_COLUMNS = ("filepath", "image", "image_path", "img", "path", "file", "filename")
@@ -198,9 +198,7 @@ def build_csv_loader(
     num_workers: int = 2,
     **dataset_kwargs: Any,
 ):
-    """A :class:`vlkit.data.shards.ShardLoader` over a CSV/TSV file (see :class:`CsvDataset` for the options)."""
-    from vlkit.data.shards import ShardLoader
-
+    """A :class:`vlkit.data.stream.ShardLoader` over a CSV/TSV file (see :class:`CsvDataset` for the options)."""
     dataset = CsvDataset(
         path, batch_size=batch_size, image_transform=image_transform, tokenizer=tokenizer, **dataset_kwargs
     )

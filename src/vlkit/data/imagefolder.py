@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from vlkit.data.images import DEFAULT_MAX_PIXELS, REASONS, SAFE_FORMATS, ImageDecodeError, read_image, to_rgb
+from vlkit.data.index_loader import IndexLoader, SeededSample
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +250,43 @@ class ImageFolder(Dataset):
         """Write this dataset's class index, by default to ``<root>/classes.json`` (shared by every split)."""
         target = path if path is not None else self.root / CLASSES_FILE
         return write_class_index(target, self.classes, self.folders, **extra)
+
+
+class ImageFolderLoader(IndexLoader):
+    """Training batches from an :class:`ImageFolder`: the :class:`~vlkit.data.index_loader.IndexLoader` (whole
+    batches dealt to ranks, full rounds only, an exact resumable position) with each sample's random augmentation
+    seeded by ``sample_seed(seed, epoch, "imagefolder", index)``.
+
+    Batches: ``image`` [B, 3, H, W], ``label`` [B] (long), ``key`` (paths relative to the dataset root),
+    ``mix_seed`` ((seed, epoch, the batch's number in the epoch), for batch-level random draws such as mixup: the same
+    for a batch whatever the data-parallel layout).
+    """
+
+    def __init__(
+        self,
+        dataset: ImageFolder,
+        batch_size: int,
+        *,
+        num_workers: int = 2,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_size,
+            sample=SeededSample(dataset, seed, "imagefolder"),
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            drop_last=True,
+            name=str(dataset.directory),
+        )
+
+    def finish(self, batch: Any, indices: list[int], number: int) -> dict[str, Any]:
+        images, labels = batch
+        keys = [os.path.relpath(self.dataset.samples[i][0], self.dataset.root) for i in indices]
+        return {"image": images, "label": labels, "key": keys, "mix_seed": (self.seed, self.epoch, number)}

@@ -25,13 +25,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
 from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -51,6 +51,7 @@ from vlkit.data.conversation import (
     turns_from_json,
 )
 from vlkit.data.images import REASONS, ImageDecodeError, read_image, to_rgb
+from vlkit.data.index_loader import IndexLoader
 from vlkit.data.transforms import INTERPOLATIONS, ImageTransform, ToRGB, get_transform
 from vlkit.utils.errors import DataError
 
@@ -521,12 +522,10 @@ class LlavaCollator:
         }
 
 
-class LlavaLoader:
-    """Epochs of batches over a :class:`LlavaDataset`: seeded shuffling, sharding over data-parallel ranks, an exact
-    resumable position and skip metrics (what the trainer asks of a loader).
-
-    Each epoch permutes the samples with ``(seed, epoch)`` (the same on every rank), repeats the first ones so that
-    every rank gets as many, and deals them round-robin to the ranks; a rank cuts its share into batches.
+class LlavaLoader(IndexLoader):
+    """Epochs of batches over a :class:`LlavaDataset`: the :class:`~vlkit.data.index_loader.IndexLoader` (seeded
+    shuffling, whole batches dealt to data-parallel ranks, an exact resumable position, skip counters) with a
+    :class:`LlavaCollator`.
 
     Args:
         dataset: the dataset.
@@ -536,10 +535,9 @@ class LlavaLoader:
         seed: the shuffling seed.
         rank, world_size: this rank and the data-parallel size.
         num_workers: DataLoader worker processes.
-        drop_last: drop a rank's last, smaller batch (every step then has the same batch size).
+        drop_last: deal only full batches (every step then has the same batch size); False pads the epoch so every
+            rank gets ``ceil(n / world_size)`` samples, the last batch smaller.
     """
-
-    STATE_VERSION = 1
 
     def __init__(
         self,
@@ -555,78 +553,19 @@ class LlavaLoader:
         drop_last: bool = True,
         pin_memory: bool = False,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
-        self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
-        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.num_workers, self.drop_last, self.pin_memory = num_workers, drop_last, pin_memory
-        self.epoch, self.position = 0, 0
-        if len(self) == 0:
-            raise ValueError(
-                f"{len(dataset)} samples over {world_size} rank(s) make no full batch of {batch_size}; "
-                "use a smaller batch or drop_last=False"
-            )
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
-        else:
-            order = list(range(n))
-        per_rank = math.ceil(n / self.world_size)
-        order += order[: per_rank * self.world_size - n]
-        mine = order[self.rank :: self.world_size]
-        stop = len(mine) - len(mine) % self.batch_size if self.drop_last else len(mine)
-        return [mine[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
-
-    def __len__(self) -> int:
-        """Batches per epoch on this rank."""
-        per_rank = math.ceil(len(self.dataset) / self.world_size)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """The rest of the current epoch (from the restored position), then the epoch advances."""
-        batches = self._batches(self.epoch)[self.position :]
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=batches,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+        super().__init__(
+            dataset,
+            batch_size,
+            collate=collate,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_last=drop_last,
+            name=getattr(dataset, "source", "the LLaVA data"),
         )
-        for batch in loader:
-            self.position += 1
-            yield batch
-        self.epoch, self.position = self.epoch + 1, 0
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        """Skipped samples by reason (each replaced by another sample; nothing is repaired)."""
-        return {"skipped": dict(self.dataset.skipped), "repaired": {}}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.STATE_VERSION,
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "num_samples": len(self.dataset),
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; refuses one saved for other data, batch size or world size."""
-        for key, mine in (
-            ("num_samples", len(self.dataset)),
-            ("batch_size", self.batch_size),
-            ("world_size", self.world_size),
-            ("seed", self.seed),
-        ):
-            if state.get(key) != mine:
-                raise ValueError(f"loader state was saved with {key}={state.get(key)}, this loader has {mine}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def build_llava_dataset(

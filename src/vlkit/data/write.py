@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from vlkit.data.shards import default_decode
 from vlkit.data.sources import write_sizes
+from vlkit.data.stream import default_decode
 from vlkit.utils.argtypes import positive_int
 
 KEEP_FORMATS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}

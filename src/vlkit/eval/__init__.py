@@ -10,8 +10,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "EvalResult": "vlkit.eval.common",
-    "EvalUsageError": "vlkit.eval.common",
+    "EvalResult": "vlkit.eval.results",
+    "EvalUsageError": "vlkit.eval.results",
     "evaluate_zeroshot": "vlkit.eval.zeroshot",
     "build_classifier": "vlkit.eval.zeroshot",
     "average_prompt_embeddings": "vlkit.eval.zeroshot",

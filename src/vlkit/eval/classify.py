@@ -9,22 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.eval.common import (
-    EvalResult,
-    EvalUsageError,
-    TopKCounter,
-    autocast_dtype,
-    classification_pass,
-    eval_mode,
-    model_device,
-    model_names,
-    no_samples_error,
-    open_eval_data,
-    refuse_lone_shard,
-    resolve_shard,
-    skipped_counts,
-    unwrap,
-)
+from vlkit.eval.data import no_samples_error, open_eval_data, skipped_counts
+from vlkit.eval.distributed import refuse_lone_shard, resolve_shard
+from vlkit.eval.results import EvalResult, EvalUsageError, model_names
+from vlkit.eval.runtime import autocast_dtype, eval_mode
+from vlkit.eval.topk import TopKCounter, classification_pass
+from vlkit.utils.modules import model_device, unwrap
 
 TASK = "classification"
 

@@ -138,7 +138,7 @@ def _add_common(p: argparse.ArgumentParser, task: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``vlkit eval`` sub-command; returns the exit code."""
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
 
     task = args.eval_task
     try:
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_path(option: str, value: str) -> None:
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
 
     if not os.path.exists(value):
         raise EvalUsageError(f"{option} {value}: no such file or directory")
@@ -157,7 +157,9 @@ def _check_path(option: str, value: str) -> None:
 
 def _run(args: argparse.Namespace, task: str) -> int:
     from vlkit.config import ConfigError
-    from vlkit.eval.common import EvalUsageError, is_shard_spec, resolve_device
+    from vlkit.eval.data import is_shard_spec
+    from vlkit.eval.results import EvalUsageError
+    from vlkit.eval.runtime import resolve_device
     from vlkit.interop.native import ModelFormatError, load_model
 
     _check_path("--model", args.model)
@@ -194,7 +196,7 @@ def _run(args: argparse.Namespace, task: str) -> int:
 
 
 def _evaluate(model, args: argparse.Namespace, task: str):
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
 
     tokenizer = None
     if getattr(args, "tokenizer", None):

@@ -25,24 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.eval.common import (
-    EvalResult,
+from vlkit.eval.data import no_samples_error, open_eval_data, progress_bar, skipped_counts
+from vlkit.eval.distributed import (
     Shard,
     all_gather_counts,
     all_gather_objects,
     all_gather_rows,
     all_reduce_sum,
-    autocast,
-    eval_mode,
-    image_size,
     lockstep,
-    model_names,
-    no_samples_error,
-    open_eval_data,
-    prepare_clip_eval,
-    progress_bar,
-    skipped_counts,
 )
+from vlkit.eval.results import EvalResult, model_names
+from vlkit.eval.runtime import autocast, eval_mode, image_size, prepare_clip_eval
 
 TASK = "zeroshot_retrieval"
 DEFAULT_KS = (1, 5, 10)

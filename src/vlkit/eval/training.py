@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlkit.eval.common import PRECISIONS, EvalResult, EvalUsageError, find_classes_file
+from vlkit.eval.data import find_classes_file
+from vlkit.eval.results import EvalResult, EvalUsageError
+from vlkit.eval.runtime import PRECISIONS
 from vlkit.utils.modules import model_device, unwrap
 
 log = logging.getLogger("vlkit.eval")

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vlkit.data.conversation import GPT, HUMAN, IMAGE_TOKEN, ConversationTokenizer, Turn
-from vlkit.eval.common import EvalResult, EvalUsageError
+from vlkit.eval.results import EvalResult, EvalUsageError
 
 ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -252,7 +252,7 @@ class Assistant:
                 if image is None:
                     raise ValueError(f"conversation {i} has an {IMAGE_TOKEN} placeholder but no image")
                 pixels[i] = self.image_tensor(image)
-        from vlkit.eval.common import autocast, register_forward_methods
+        from vlkit.eval.runtime import autocast, register_forward_methods
         from vlkit.utils.modules import model_device
 
         device = model_device(inner)
@@ -350,7 +350,7 @@ def load_assistant(
     from vlkit.data.conversation import template_with_system
     from vlkit.data.llava import image_transform
     from vlkit.data.tokenizer import get_tokenizer
-    from vlkit.eval.common import autocast_dtype, resolve_device
+    from vlkit.eval.runtime import autocast_dtype, resolve_device
     from vlkit.interop.native import ModelFormatError, load_model, resolve_model_path
     from vlkit.models.neva import NevaModel
 
@@ -406,19 +406,15 @@ def evaluate_vqa(
             ``image_folder`` (default: the file's folder).
         max_samples: the first N questions only (after ``match``).
         match: only questions whose text matches this regular expression (case-insensitive), e.g. ``colou?r``.
-        distributed / group: shard the questions over the ranks of ``group`` (see ``vlkit.eval.common``).
+        distributed / group: shard the questions over the ranks of ``group`` (see ``vlkit.eval.distributed``).
 
     Returns:
         An EvalResult with ``exact_match`` and ``vqa_accuracy`` (and ``exact_match/<category>`` when questions carry
         a category); ``details["predictions"]`` holds one dict per question answered on this rank.
     """
-    from vlkit.eval.common import (
-        all_reduce_sum,
-        lockstep,
-        model_names,
-        progress_bar,
-        resolve_shard,
-    )
+    from vlkit.eval.data import progress_bar
+    from vlkit.eval.distributed import all_reduce_sum, lockstep, resolve_shard
+    from vlkit.eval.results import model_names
 
     items = read_vqa_items(data)
     if match is not None:

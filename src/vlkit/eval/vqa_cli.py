@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``vlkit eval vqa``; returns the exit code (2 for a missing path, a model that is not NeVA, bad data)."""
-    from vlkit.eval.common import EvalUsageError
+    from vlkit.eval.results import EvalUsageError
     from vlkit.eval.vqa import evaluate_vqa, load_assistant
 
     try:

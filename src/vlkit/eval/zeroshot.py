@@ -18,27 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlkit.eval.common import (
-    EvalResult,
-    EvalUsageError,
-    Shard,
-    TopKCounter,
-    all_reduce_sum,
-    autocast,
-    autocast_dtype,
-    classification_pass,
-    eval_mode,
-    logit_scale,
-    model_device,
-    model_names,
-    no_samples_error,
-    open_eval_data,
-    prepare_clip_eval,
-    progress_bar,
-    resolve_data_location,
-    skipped_counts,
-    unwrap,
-)
+from vlkit.eval.data import no_samples_error, open_eval_data, progress_bar, resolve_data_location, skipped_counts
+from vlkit.eval.distributed import Shard, all_reduce_sum
+from vlkit.eval.results import EvalResult, EvalUsageError, model_names
+from vlkit.eval.runtime import autocast, autocast_dtype, eval_mode, logit_scale, prepare_clip_eval
 from vlkit.eval.templates import (
     classes_file_templates,
     fill_template,
@@ -46,6 +29,8 @@ from vlkit.eval.templates import (
     resolve_classnames,
     resolve_templates,
 )
+from vlkit.eval.topk import TopKCounter, classification_pass
+from vlkit.utils.modules import model_device, unwrap
 
 TASK = "zeroshot_classification"
 
@@ -193,7 +178,7 @@ def evaluate_zeroshot(
             dataset's ``classes.json`` if it has some, else ``openai``.
         tokenizer: list[str] -> ids; None: the model config's tokenizer and context length.
         transform: PIL -> tensor; None: ``get_transform(model, train=False)``.
-        split: sub-folder of ``data`` (see :func:`vlkit.eval.common.resolve_data_location`).
+        split: sub-folder of ``data`` (see :func:`vlkit.eval.data.resolve_data_location`).
         batch_size: images per forward. text_batch_size: prompts per forward.
         num_workers: data-loading workers.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``.

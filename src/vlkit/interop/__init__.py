@@ -1,6 +1,7 @@
-"""Weight formats: vlkit's own directories (native.py), Hugging Face transformers CLIP (hf.py), LLaMA (hf_llama.py)
-and LLaVA (hf_llava.py), open_clip (open_clip.py), the NeVA vision-encoder loader (vision.py), NeVA from pretrained
-parts (neva.py) and ``vlkit convert`` (cli.py).
+"""Weight formats over shared file helpers (files.py): vlkit's own directories and the format dispatcher
+(native.py), Hugging Face transformers CLIP (hf.py), LLaMA (hf_llama.py) and LLaVA (hf_llava.py), open_clip
+(open_clip.py), the NeVA vision-encoder loader (vision.py), NeVA from pretrained parts (neva.py)
+and ``vlkit convert`` (cli.py).
 
 Imported lazily, so that ``vlkit --help`` (which registers ``vlkit convert``) does not pay for importing torch.
 """

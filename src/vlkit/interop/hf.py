@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlkit.config.schema import ModelConfig, VisionConfig
-from vlkit.interop.native import (
+from vlkit.interop.files import (
     CONFIG_FILE,
     ModelFormatError,
     atomic_write_dir,
@@ -653,7 +653,7 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", **overrides
     Raises:
         ModelFormatError: not a transformers CLIP directory, or weights that do not fit its config.
     """
-    from vlkit.interop.native import with_overrides
+    from vlkit.interop.files import with_overrides
 
     path = Path(path)
     config = read_hf_config(path)
@@ -682,7 +682,7 @@ def load_hf(path: str | Path, *, device: str | torch.device = "cpu", **overrides
 def load_hf_vision_tower(path: str | Path, *, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """The vision tower (a :class:`vlkit.models.VisionTransformer`, no projection) of a transformers CLIPModel or
     CLIPVisionModel directory; ``overrides`` as for :func:`load_hf` (``vision__img_h=336``, ...)."""
-    from vlkit.interop.native import fit_pos_embed
+    from vlkit.interop.files import fit_pos_embed
     from vlkit.models.vit import VisionTransformer
 
     path = Path(path)

@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlkit.config.schema import LLMConfig, ModelConfig
-from vlkit.interop.native import (
+from vlkit.interop.files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
     ModelFormatError,
     atomic_write_dir,
     check_before_loading,
@@ -30,8 +32,6 @@ from vlkit.models.llama import LlamaDecoder, LlamaForCausalLM
 from vlkit.nn import RotaryEmbedding
 from vlkit.nn.attention import fuse_qkv, unfuse_qkv
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 HF_ARCH = "LlamaForCausalLM"
 ROPE_TYPES = ("default", "linear", "llama3")

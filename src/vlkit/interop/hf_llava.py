@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vlkit.config.schema import MMConfig, MMLLMConfig, MMVisionEncoderConfig, ModelConfig, VisionConfig
-from vlkit.interop.native import (
+from vlkit.interop.files import (
     CONFIG_FILE,
     ModelFormatError,
     read_json,

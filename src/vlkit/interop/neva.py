@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vlkit.config.schema import LLMConfig, MMConfig, ModelConfig, TransformerConfig, VisionConfig
-from vlkit.interop.native import WEIGHTS_FILE, ModelFormatError, read_weights_file
+from vlkit.interop.files import WEIGHTS_FILE, ModelFormatError, read_json, read_weights_file
 from vlkit.models.factory import create_model, resolve_model_config
 from vlkit.models.neva import NevaModel, freeze, load_trainable_state_dict
 from vlkit.nn import RotaryEmbedding
@@ -93,7 +93,7 @@ def _load_vision(cfg: ModelConfig, device: torch.device | str) -> tuple[nn.Modul
 def _load_llm(cfg: ModelConfig, device: torch.device | str) -> tuple[dict, LLMConfig, list[str]]:
     """(the decoder's state dict, the merged LLM config, notes)."""
     from vlkit.interop.hf_llama import is_hf_llama_config, load_hf_llama
-    from vlkit.interop.native import load_model, read_json
+    from vlkit.interop.native import load_model
 
     key = "model.mm_cfg.llm.from_pretrained"
     path = resolve_pretrained(cfg.mm_cfg.llm.from_pretrained, key)

@@ -46,15 +46,19 @@ from torch import nn
 
 from vlkit.config import ConfigError, ModelConfig
 from vlkit.config.schema import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from vlkit.interop.native import ModelFormatError, atomic_write_dir, read_weights_file
+from vlkit.interop.files import (
+    OPEN_CLIP_CONFIG_FILE,
+    OPEN_CLIP_WEIGHTS_FILE,
+    ModelFormatError,
+    atomic_write_dir,
+    read_weights_file,
+)
 from vlkit.models.factory import create_model, resolve_model_config
 from vlkit.nn.attention import fuse_qkv, unfuse_qkv
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
 # The weight files open_clip looks for in a local or Hugging Face hub directory, in its order of preference.
 WEIGHTS_FILES = (
-    WEIGHTS_FILE,
+    OPEN_CLIP_WEIGHTS_FILE,
     "open_clip_pytorch_model.safetensors",
     "open_clip_pytorch_model.bin",
     "open_clip_pytorch_model.pth",
@@ -589,7 +593,7 @@ def looks_like_open_clip_state_dict(keys: Iterable[str]) -> bool:
 
 
 def _read_dir_config(path: Path) -> dict | None:
-    cfg_file = path / CONFIG_FILE
+    cfg_file = path / OPEN_CLIP_CONFIG_FILE
     if not cfg_file.is_file():
         return None
     try:
@@ -637,14 +641,14 @@ def load_open_clip(src: str | Path, model_name: str | None = None, config: str |
             raise ModelFormatError(f"{src}: an open_clip directory carries its own config; drop model_name/config")
         dir_config = _read_dir_config(src)
         if dir_config is None:
-            raise ModelFormatError(f"{src}: no {CONFIG_FILE} with a model_cfg (not an open_clip directory)")
+            raise ModelFormatError(f"{src}: no {OPEN_CLIP_CONFIG_FILE} with a model_cfg (not an open_clip directory)")
         weights = next((src / n for n in WEIGHTS_FILES if (src / n).is_file()), None)
         if weights is None:
             raise ModelFormatError(f"{src}: no weights ({' or '.join(WEIGHTS_FILES)})")
         model_cfg, preprocess, where = (
             dir_config["model_cfg"],
             dir_config.get("preprocess_cfg") or {},
-            src / CONFIG_FILE,
+            src / OPEN_CLIP_CONFIG_FILE,
         )
     elif src.is_file():
         if model_name is None and config is None:
@@ -681,8 +685,8 @@ def save_open_clip(model: nn.Module, out_dir: str | Path) -> Path:
     tensors = to_open_clip_state_dict(model)
 
     def write(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(tmp / OPEN_CLIP_WEIGHTS_FILE), metadata={"format": "pt"})
 
     atomic_write_dir(Path(out_dir), write)
     return Path(out_dir)

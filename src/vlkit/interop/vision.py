@@ -26,7 +26,7 @@ def _vision_tower(model: nn.Module, path: Path) -> VisionTransformer:
         tower = getattr(model, name, None)
         if isinstance(tower, VisionTransformer):
             return tower
-    from vlkit.interop.native import ModelFormatError
+    from vlkit.interop.files import ModelFormatError
 
     raise ModelFormatError(f"{path}: a {type(model).__name__} has no vision tower")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +67,12 @@ class Task:
         return {}
 
     def after_optimizer_step(self, model: nn.Module) -> None:
-        """Parameter constraints after each step (CLIP clamps its logit scale)."""
+        """Parameter constraints after each step (CLIP clamps its logit scale), before the trainer's weight average
+        (``trainer.ema_decay``) takes the step."""
+
+    def model_dir_files(self, path: Path) -> None:
+        """Add what a model directory the trainer exported (``<output_dir>/model``, ``<output_dir>/model_ema``)
+        should carry beside the weights (the classify task: its class names). Called on the writing rank only."""
 
     def set_train_mode(self, model: nn.Module) -> None:
         """model.train(), except what must stay in eval mode (frozen towers)."""
@@ -79,7 +85,7 @@ class Task:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        """What the task itself must carry across a resume (a weight average, ...), stored in the trainer's
+        """What the task itself must carry across a resume, stored in the trainer's
         checkpoints; tensors allowed. Called on every rank when a checkpoint is written. Default: nothing."""
         return {}
 

@@ -4,17 +4,17 @@ Data: an ImageFolder (``<root>/<class>/<image>``, the layout ``vlkit data shapes
 webdataset shards with an integer ``cls`` member, or ``synthetic_shapes`` (the ImageFolder shapes dataset, written on
 first use). Augmentation: RandomResizedCrop (``data.crop_scale``), flip, a torchvision policy, random erasing
 (:func:`vlkit.data.transforms.get_transform`); mixup / cutmix on the batch (:mod:`vlkit.data.mixup`); label smoothing.
-Options: an EMA of the weights (evaluated beside the model), starting from a checkpoint (a classifier or a CLIP's
-vision tower, position embeddings resampled to this resolution), layer-wise lr decay (``vlkit.train.optim``) and a
-linear probe (frozen backbone). The class names are written as ``classes.json`` next to the checkpoints, where
-``vlkit predict`` finds them. See docs/classification.md.
+Options: starting from a checkpoint (a classifier or a CLIP's vision tower, position embeddings resampled to this
+resolution), layer-wise lr decay (``vlkit.train.optim``) and a linear probe (frozen backbone); the trainer's EMA of the
+weights (``trainer.ema_decay``) works as for any task. The class names are written as ``classes.json`` next to the
+checkpoints and into every model directory the trainer exports, where ``vlkit predict`` finds them. See
+docs/classification.md.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from vlkit.config.load import ConfigError
 from vlkit.config.schema import Config, VisionConfig
@@ -84,9 +83,6 @@ def config_problems(cfg: Config) -> list[str]:
             auto_augment_transform(d.auto_augment)
         except ValueError as e:
             p.append(str(e))
-    ema = cfg.trainer.ema_decay
-    if ema is not None and not 0.0 <= ema < 1.0:
-        p.append(f"trainer.ema_decay={ema} must be in [0, 1) (or null: off)")
     if cfg.trainer.gradient_cache:
         p.append("trainer.gradient_cache=true: a classification loss has no cacheable features; use plain accumulation")
     return p
@@ -108,8 +104,6 @@ class ClassifyTask(Task):
         self.val_path: str | None = d.val_path
         self.classes: list[str] | None = None
         self.frozen: list[nn.Module] = []
-        self.ema = None
-        self._ema_state: dict | None = None  # a resumed average, loaded once the model's parameters exist
 
     # -- the model ------------------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -165,14 +159,14 @@ class ClassifyTask(Task):
     def _open_train_data(self, data: Any, transform: Any, micro_batch_size: int) -> tuple[Any, list[str] | None]:
         seed = self.cfg.trainer.seed
         if data.kind == "imagefolder":
-            from vlkit.data.imagefolder import ImageFolder
+            from vlkit.data.imagefolder import ImageFolder, ImageFolderLoader
 
             path = Path(data.train_path)
             dataset = ImageFolder(path, transform=transform, classes=_classes_file_near(path))
             loader = ImageFolderLoader(dataset, micro_batch_size, num_workers=data.num_workers, seed=seed,
                                        rank=self.dp.rank, world_size=self.dp.size)  # fmt: skip
             return loader, list(dataset.classes)
-        from vlkit.data.shards import loader_from_config
+        from vlkit.data.loaders import loader_from_config
 
         # Image-only samples: no caption member is required, the label comes from the "cls" member.
         image_only = replace(data, text_key=None)
@@ -223,56 +217,19 @@ class ClassifyTask(Task):
             key = batch.get("key", [None] * len(labels))[i]
             raise ValueError(f"sample {key!r}: label {int(labels[i])} is outside model.num_classes={n}")
 
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        decay = self.cfg.trainer.ema_decay
-        if decay is None:
-            return
-        if self.ema is not None:
-            self.ema.update(model)
-            return
-        from vlkit.train.ema import ModelEma
-
-        # Created at the first step, when parameters have their final placement (device, FSDP / TP shards).
-        self.ema = ModelEma(model, decay)
-        if self._ema_state is not None:
-            self.ema.load_state_dict(self._ema_state)
-            self._ema_state = None
-            self.ema.update(model)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.ema is not None:
-            return {"ema": self.ema.state_dict()}
-        return {"ema": self._ema_state} if self._ema_state is not None else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "ema" in state and self.cfg.trainer.ema_decay is not None:
-            self._ema_state = state["ema"]
-
     # -- evaluation -----------------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, step: int, out_dir: Any) -> dict[str, float]:
-        """Held-out top-1 / top-5 of the model (``eval/classify/*``) and of its EMA (``eval/classify_ema/*``);
-        at the last step the EMA is also exported as a model directory, ``<output_dir>/model_ema``."""
-        metrics: dict[str, float] = {}
-        if self.val_path:
-            from vlkit.eval import run_eval_during_training
+        """Held-out top-1 / top-5 (``eval/classify/*``; the trainer names its weight average's
+        ``eval/classify_ema/*``)."""
+        if not self.val_path:
+            return {}
+        from vlkit.eval import run_eval_during_training
 
-            kwargs = dict(tasks=("classify",), data=self.val_path, group=self.dp_group)
-            metrics = run_eval_during_training(model, self.cfg, step, out_dir=out_dir, **kwargs)
-            if self.ema is not None:
-                with self.ema.swapped_into(model):
-                    ema = run_eval_during_training(model, self.cfg, step, **kwargs)
-                metrics.update({k.replace("eval/classify/", "eval/classify_ema/"): v for k, v in ema.items()})
-        if self.ema is not None and step >= self.cfg.trainer.max_steps:
-            with self.ema.swapped_into(model):
-                self.export(model, Path(out_dir) / "model_ema")
-        return metrics
+        return run_eval_during_training(model, self.cfg, step, out_dir=out_dir, tasks=("classify",),
+                                        data=self.val_path, group=self.dp_group)  # fmt: skip
 
-    def export(self, model: nn.Module, path: Path) -> None:
-        """Write ``model`` as a vlkit model directory with the class names (collective when sharded)."""
-        from vlkit.interop.native import save_full_model
-
-        if save_full_model(model, path) is None:  # not the writing rank
-            return
+    def model_dir_files(self, path: Path) -> None:
+        """The class names beside the weights, where ``vlkit predict`` finds them."""
         if self.classes is not None:
             from vlkit.data.imagefolder import write_class_index
 
@@ -372,113 +329,3 @@ def _read_classes(path: Path) -> list[str]:
     from vlkit.data.imagefolder import read_class_index
 
     return read_class_index(path)[0]
-
-
-class _SeededSamples(Dataset):
-    """An ImageFolder whose random augmentation of sample ``i`` in epoch ``e`` depends only on (seed, e, i), so a
-    resumed run draws the crops an uninterrupted one would have (whichever worker loads the sample)."""
-
-    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        from vlkit.data.shards import sample_seed, seeded
-
-        with seeded(sample_seed(self.seed, self.epoch, "imagefolder", index)):
-            return self.dataset[index]
-
-
-class ImageFolderLoader:
-    """Training batches from an ImageFolder, epoch after epoch, with an exact, resumable position.
-
-    Each epoch the images are permuted by ``(seed, epoch)`` (the same permutation on every rank) and cut into
-    batches; data-parallel rank ``r`` of ``n`` takes batches ``r, r + n, r + 2n, ...`` (the remainder that does not
-    give every rank a batch waits for another epoch), so every rank takes the same number of steps. Dealing whole
-    batches keeps a batch's content independent of the layout: with the same batch size, one process accumulating
-    ``n`` micro-batches sees the very batches that ``n`` data-parallel ranks see, and batch-level augmentation
-    (mixup, keyed by ``mix_seed``) gives the same result. The position is (epoch, batches consumed).
-
-    Batches: ``image`` [B, 3, H, W], ``label`` [B] (long), ``key`` (paths relative to the dataset root),
-    ``mix_seed`` ((seed, epoch, the batch's index in the epoch), for batch-level random draws).
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        batch_size: int,
-        *,
-        num_workers: int = 2,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        per_rank = len(dataset) // (batch_size * world_size) * batch_size
-        if per_rank < batch_size:
-            raise ValueError(f"{dataset.directory}: {len(dataset)} images do not fill one batch of {batch_size} "
-                             f"on each of {world_size} rank(s)")  # fmt: skip
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.batches_per_epoch = per_rank // batch_size
-        self.epoch = 0
-        self.position = 0
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def _batch_indices(self) -> range:
-        """This rank's batches' indices among the epoch's batches."""
-        return range(self.rank, self.batches_per_epoch * self.world_size, self.world_size)
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The sample indices of each of this rank's batches in ``epoch``."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        b = self.batch_size
-        return [order[i * b : (i + 1) * b] for i in self._batch_indices()]
-
-    def __iter__(self):
-        batches = self.epoch_batches(self.epoch)[self.position :]
-        numbers = self._batch_indices()[self.position :]
-        loader = DataLoader(
-            _SeededSamples(self.dataset, self.seed, self.epoch),
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a resumed
-            # run (which starts a new iterator mid-epoch) would shift the training loop's random stream (mixup).
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),
-        )
-        root = self.dataset.root
-        for number, indices, (images, labels) in zip(numbers, batches, loader):
-            self.position += 1
-            keys = [os.path.relpath(self.dataset.samples[i][0], root) for i in indices]
-            yield {"image": images, "label": labels, "key": keys, "mix_seed": (self.seed, self.epoch, number)}
-        self.epoch, self.position = self.epoch + 1, 0
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        """Images skipped so far by reason (an ImageFolder repairs nothing)."""
-        return {"skipped": dict(self.dataset.skipped), "repaired": {}}
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_samples": len(self.dataset),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`; refuses one saved with another seed, rank layout or dataset size."""
-        for key in ("seed", "rank", "world_size", "num_samples"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise ValueError(f"cannot resume the ImageFolder position: saved {key}={state.get(key)!r}, "
-                                 f"this loader has {mine!r}")  # fmt: skip
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -68,7 +68,7 @@ class CLIPTask(Task):
 
     # -- data -----------------------------------------------------------------------------------------------------
     def build_train_loader(self, micro_batch_size: int):
-        from vlkit.data.shards import loader_from_config
+        from vlkit.data.loaders import loader_from_config
         from vlkit.data.tokenizer import get_tokenizer
         from vlkit.data.transforms import get_transform
 

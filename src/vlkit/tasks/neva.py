@@ -209,7 +209,7 @@ class NevaTask(Task):
         if not self.data.val_path:
             return {}
         from vlkit.data.llava import image_transform
-        from vlkit.eval.common import autocast_dtype, eval_mode
+        from vlkit.eval.runtime import autocast_dtype, eval_mode
         from vlkit.eval.vqa import Assistant, evaluate_vqa
         from vlkit.utils.modules import model_device, unwrap
 

@@ -72,8 +72,12 @@ from vlkit.interop.checkpoint_files import (
     single_process_dcp_ok,
     tensor_only_planner,
 )
-from vlkit.interop.native import CONFIG_FILE, _dedupe, _fsync_dir, atomic_write_dir, clean_state_dict
-from vlkit.interop.native import FORMAT as MODEL_FORMAT
+from vlkit.interop.files import CONFIG_FILE, atomic_write_dir, clean_state_dict
+from vlkit.interop.files import FORMAT as MODEL_FORMAT
+
+# public in interop.files; aliased so that this file (being split elsewhere) changes in its imports only
+from vlkit.interop.files import dedupe as _dedupe
+from vlkit.interop.files import fsync_dir as _fsync_dir
 from vlkit.train.rng import capture_rng_state, restore_rng_state
 from vlkit.utils.modules import is_sharded, unwrap
 

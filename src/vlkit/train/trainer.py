@@ -24,6 +24,7 @@ from vlkit.parallel.dist import DistInfo
 from vlkit.parallel.grad_norm import clip_grad_norm_
 from vlkit.tasks.base import Batch, Task, to_device
 from vlkit.train.checkpoint import CheckpointError, CheckpointManager
+from vlkit.train.ema import ModelEma
 from vlkit.train.loss_scale import LossScaler
 from vlkit.train.metrics import MetricSinks, Throughput, device_peak_flops, format_line
 from vlkit.train.optim import build_optimizer, build_scheduler
@@ -33,6 +34,8 @@ from vlkit.train.run_dir import checkpoint_dir, claim_output_dir
 from vlkit.utils.modules import unwrap
 
 log = logging.getLogger("vlkit.train")
+
+EMA_MODEL_DIR = "model_ema"  # <output_dir>/model_ema: the weight average (trainer.ema_decay), beside <output_dir>/model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -124,6 +127,8 @@ class Trainer:
         self.nonfinite_total = 0
         self.history: list[dict[str, Any]] = []
         self.scaler = LossScaler(tcfg.precision == "fp16")  # fp16 gradients underflow unscaled (O1 and O2 alike)
+        self.ema: ModelEma | None = None  # the weight average (trainer.ema_decay), created at the first step
+        self._ema_state: dict | None = None  # a resumed average, loaded once the first step has placed the parameters
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -135,9 +140,12 @@ class Trainer:
                 positions = [None] * self.dist.world_size
                 dist.all_gather_object(positions, self.loader.state_dict())
             state["data"] = positions
-        task_state = self.task.state_dict()  # e.g. the classify task's weight average (collective when sharded)
+        task_state = self.task.state_dict()
         if task_state:
             state["task"] = task_state
+        ema_state = self.ema.state_dict() if self.ema is not None else self._ema_state  # collective when sharded
+        if ema_state is not None:
+            state["ema"] = ema_state
         if self.scaler.enabled:  # fp16's dynamic loss scale: a resumed run goes on with the scale it had
             state["loss_scale"] = self.scaler.state_dict()
         return state
@@ -157,7 +165,22 @@ class Trainer:
         from vlkit.interop.native import RUN_MODEL_DIR, save_full_model
 
         path = save_full_model(self._inner_model(), self.out_dir / RUN_MODEL_DIR, extra={"step": self.step})
+        if path is not None:
+            self.task.model_dir_files(path)
         return path  # fit()'s summary says where it is
+
+    def export_ema(self) -> Path | None:
+        """Write the weight average as a vlkit model directory, ``<output_dir>/model_ema`` (collective when sharded;
+        rank 0 returns the path). Nothing without ``trainer.ema_decay``."""
+        if self.ema is None:
+            return None
+        from vlkit.interop.native import save_full_model
+
+        with self.ema.swapped_into(self.model):
+            path = save_full_model(self._inner_model(), self.out_dir / EMA_MODEL_DIR, extra={"step": self.step})
+        if path is not None:
+            self.task.model_dir_files(path)
+        return path
 
     def resume(self, path: str | None = None) -> bool:
         """Load the checkpoint ``trainer.checkpoint.resume`` names (``path``: another one, "latest"/"auto" for the
@@ -196,8 +219,13 @@ class Trainer:
                     f"{self.dist.world_size}: resume with the same number of processes"
                 )
             self.loader.load_state_dict(positions[self.dist.rank])
-        if "task" in state:
-            self.task.load_state_dict(state["task"])
+        task_state = dict(state.get("task", {}))
+        # The average is the trainer's own entry; checkpoints of earlier versions kept it in the classify task's state.
+        ema_state = state.get("ema", task_state.pop("ema", None))
+        if ema_state is not None and self.cfg.trainer.ema_decay is not None:
+            self._ema_state = ema_state  # loaded at the first step, when the average is created
+        if task_state:
+            self.task.load_state_dict(task_state)
         if "loss_scale" in state:
             self.scaler.load_state_dict(state["loss_scale"])
         if plan.hyperparameters:
@@ -273,6 +301,31 @@ class Trainer:
             offset += n
         return loss.detach(), metrics
 
+    def _update_ema(self) -> None:
+        decay = self.cfg.trainer.ema_decay
+        if decay is None:
+            return
+        if self.ema is not None:
+            self.ema.update(self.model)
+            return
+        # Created at the first step, when parameters have their final placement (device, FSDP / TP shards).
+        self.ema = ModelEma(self.model, decay)
+        if self._ema_state is not None:  # resumed: the saved average replaces the copy, and takes this step
+            self.ema.load_state_dict(self._ema_state)
+            self._ema_state = None
+            self.ema.update(self.model)
+
+    def _evaluate(self) -> dict[str, float]:
+        """The task's held-out metrics of the model and, with ``trainer.ema_decay``, of its average (the task's
+        ``evaluate`` again with the averaged weights swapped in: ``eval/<x>/...`` named ``eval/<x>_ema/...``; the
+        result files under ``<output_dir>/eval`` are the model's)."""
+        metrics = self.task.evaluate(self.model, self.step, self.out_dir)
+        if self.ema is not None:
+            with self.ema.swapped_into(self.model):
+                averaged = self.task.evaluate(self.model, self.step, None)
+            metrics.update({ema_metric_name(k): v for k, v in averaged.items()})
+        return metrics
+
     def _clip_and_check(self, loss: torch.Tensor) -> tuple[bool, bool, float]:
         """Unscale, measure (and clip) the global gradient norm; decide on all ranks together whether the loss and
         the gradients are finite. Returns (loss finite, gradients finite, norm)."""
@@ -299,6 +352,7 @@ class Trainer:
         if loss_ok and grads_ok:
             self.optimizer.step()
             self.task.after_optimizer_step(self._inner_model())
+            self._update_ema()
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_total += 1
@@ -461,7 +515,7 @@ class Trainer:
                     meter.reset()
                 interval = tcfg.val_check_interval
                 if self.step == tcfg.max_steps or (interval and self.step % interval == 0):
-                    evaluation = self.task.evaluate(self.model, self.step, self.out_dir)
+                    evaluation = self._evaluate()
                     if evaluation:
                         sinks.log(self.step, evaluation)
                         self.history.append({"step": self.step, **evaluation})
@@ -473,6 +527,7 @@ class Trainer:
                     self.save()
             checkpoint = self.save()
             model_path = self.export_model()
+            self.export_ema()  # as the classify task always did: whatever trainer.save_model says
         finally:
             if bar is not None:
                 bar.close()
@@ -499,6 +554,14 @@ class Trainer:
         if self.cfg.trainer.save_model:
             self._say(f"model: {model_path}")
         return self.history
+
+
+def ema_metric_name(key: str) -> str:
+    """``eval/<x>/<metric>`` -> ``eval/<x>_ema/<metric>`` (another name gets an ``_ema`` suffix)."""
+    parts = key.split("/", 2)
+    if len(parts) == 3 and parts[0] == "eval":
+        return f"eval/{parts[1]}_ema/{parts[2]}"
+    return f"{key}_ema"
 
 
 def _progress(enabled: bool, total: int, initial: int):
