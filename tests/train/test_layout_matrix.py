@@ -2,7 +2,7 @@
 one-process run. The table of runs is tests/train/layout_worker.py's ``layouts``; docs/training.md shows it.
 
 All runs of a kind share one process launch (the one-process references, the 2-rank layouts, the 4-rank FSDP x TP
-mesh), so the matrix costs three launches: about 3 minutes on 2 idle cores."""
+mesh), so the matrix costs three launches: about 2 minutes on 2 idle cores."""
 
 import io
 import json
