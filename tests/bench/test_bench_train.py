@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from vlkit.bench import peers
 from vlkit.bench import train as bench
 from vlkit.config import load_config
 
@@ -77,12 +78,12 @@ def test_vit_tiny_against_timm_bf16(tmp_path, capsys):
 def test_peer_configs_of_the_big_presets():
     pytest.importorskip("open_clip")
     for preset, named in (("clip-b16", "ViT-B-16"), ("clip-l14", "ViT-L-14")):
-        kwargs, issues = bench.openclip_config(load_config(preset).model)
-        assert issues == [] and bench.openclip_named_match(kwargs) == named
+        kwargs, issues = peers.openclip_config(load_config(preset).model)
+        assert issues == [] and peers.openclip_named_match(kwargs) == named
     # vit-b16's eight class tokens are one class token and seven register tokens in timm; its dropout carries over.
-    kwargs, issues = bench.timm_config(load_config("vit-b16").model)
+    kwargs, issues = peers.timm_config(load_config("vit-b16").model)
     assert issues == [] and kwargs["reg_tokens"] == 7 and kwargs["proj_drop_rate"] == 0.1
-    assert bench.mlp_ratio(6144, 1408) * 1408 // 1 == 6144
+    assert peers.mlp_ratio(6144, 1408) * 1408 // 1 == 6144
 
 
 def test_flop_count_includes_attention(monkeypatch):

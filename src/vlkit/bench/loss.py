@@ -26,7 +26,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from vlkit.bench.common import fmt, format_columns, is_oom, machine_info, ratio
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OURS = ("naive", "tiled", "fused")
@@ -153,11 +154,6 @@ def _time_once(cand: Candidate, x, y, s, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _is_oom(e: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(e, oom)) or "out of memory" in str(e).lower()
-
-
 def time_candidates(cands: list[Candidate], batch, dim, dtype, device, scale, repeats, warmup) -> dict[str, dict]:
     """Median forward + backward milliseconds of every candidate, interleaved round-robin."""
     x, y, s = make_inputs(batch, dim, dtype, device, scale)
@@ -173,7 +169,7 @@ def time_candidates(cands: list[Candidate], batch, dim, dtype, device, scale, re
             live.append(cand)
             out[cand.name] = {"times_ms": []}
         except Exception as e:
-            out[cand.name] = {"status": "oom" if _is_oom(e) else f"error: {type(e).__name__}: {e}"}
+            out[cand.name] = {"status": "oom" if is_oom(e) else f"error: {type(e).__name__}: {e}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for r in range(repeats):
@@ -272,57 +268,27 @@ def _cpu_peak_extra(name, batch, dim, dtype_name, scale, timeout) -> dict:
 # Report
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
-    return info
-
-
-def _fmt(v, spec: str, missing: str = "-") -> str:
-    return missing if v is None else format(v, spec)
-
-
 def format_table(results: list[dict], baseline: str | None) -> str:
-    head = f"{'B':>8} {'D':>5}  {'impl':<10} {'time ms':>10} {'TFLOP/s':>8} {'extra MB':>10} "
-    head += f"{'speed vs ' + (baseline or '-'):>16} {'memory vs ' + (baseline or '-'):>17}  status"
-    lines = [head, "-" * len(head)]
+    base = baseline or "-"
+    head = ["B", "D", "impl", "time ms", "TFLOP/s", "extra MB", f"speed vs {base}", f"memory vs {base}", "status"]
+    rows = []
     for r in results:
-        speed = _fmt(r.get("speed_vs_baseline"), ".2f") + "x" if r.get("speed_vs_baseline") else "-"
-        mem = _fmt(r.get("memory_vs_baseline"), ".4f") if r.get("memory_vs_baseline") is not None else "-"
+        speed = fmt(r.get("speed_vs_baseline"), ".2f") + "x" if r.get("speed_vs_baseline") else "-"
         extra = r.get("peak_extra_bytes")
-        lines.append(
-            f"{r['batch_size']:>8} {r['dim']:>5}  {r['impl']:<10} {_fmt(r.get('time_ms'), '.1f'):>10} "
-            f"{_fmt(r.get('tflops'), '.3f'):>8} {_fmt(None if extra is None else extra / 2**20, '.1f'):>10} "
-            f"{speed:>16} {mem:>17}  {r['status']}"
+        rows.append(
+            [
+                r["batch_size"],
+                r["dim"],
+                r["impl"],
+                fmt(r.get("time_ms"), ".1f"),
+                fmt(r.get("tflops"), ".3f"),
+                fmt(None if extra is None else extra / 2**20, ".1f"),
+                speed,
+                fmt(r.get("memory_vs_baseline"), ".4f"),
+                r["status"],
+            ]
         )
-    return "\n".join(lines)
+    return "\n".join(format_columns(head, rows, left=(2, 8), rule=True))
 
 
 def _plot(results: list[dict], path: Path) -> str | None:
@@ -491,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
                         try:
                             row["peak_extra_bytes"] = _cuda_peak_extra(c, batch, dim, dtype, device, args.scale)
                         except Exception as e:
-                            row["memory_error"] = "oom" if _is_oom(e) else f"{type(e).__name__}: {e}"
+                            row["memory_error"] = "oom" if is_oom(e) else f"{type(e).__name__}: {e}"
                     else:
                         probe = _cpu_peak_extra(c.name, batch, dim, args.dtype, args.scale, args.memory_timeout)
                         if "error" in probe:
@@ -502,8 +468,8 @@ def run(args: argparse.Namespace) -> int:
                 report["results"].append(row)
                 print(
                     f"B={batch} D={dim} {c.name}: {row.get('status')} "
-                    f"{_fmt(row.get('time_ms'), '.1f')} ms, "
-                    f"{_fmt(None if row['peak_extra_bytes'] is None else row['peak_extra_bytes'] / 2**20, '.1f')} MB",
+                    f"{fmt(row.get('time_ms'), '.1f')} ms, "
+                    f"{fmt(None if row['peak_extra_bytes'] is None else row['peak_extra_bytes'] / 2**20, '.1f')} MB",
                     file=log,
                     flush=True,
                 )
@@ -546,15 +512,9 @@ def _equivalent_command(args: argparse.Namespace, device: torch.device, names: l
 def _add_ratios(results: list[dict], baseline: str | None) -> None:
     base = {(r["batch_size"], r["dim"]): r for r in results if r["impl"] == baseline}
     for r in results:
-        b = base.get((r["batch_size"], r["dim"]))
-        r["speed_vs_baseline"] = (
-            b["time_ms"] / r["time_ms"] if b is not None and b.get("time_ms") and r.get("time_ms") else None
-        )
-        r["memory_vs_baseline"] = (
-            r["peak_extra_bytes"] / b["peak_extra_bytes"]
-            if b is not None and b.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None
-            else None
-        )
+        b = base.get((r["batch_size"], r["dim"]), {})
+        r["speed_vs_baseline"] = ratio(b.get("time_ms"), r.get("time_ms"))
+        r["memory_vs_baseline"] = ratio(r.get("peak_extra_bytes"), b.get("peak_extra_bytes"))
 
 
 def main(argv: list[str] | None = None) -> int:

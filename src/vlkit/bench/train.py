@@ -38,22 +38,22 @@ import contextlib
 import gc
 import importlib.metadata
 import json
-import logging
-import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlkit.bench import peers
+from vlkit.bench.common import fmt, format_columns, is_oom, machine_info, ratio
+from vlkit.bench.systems import System, count_step_flops, next_token_loss
 
 PRECISIONS = ("bf16", "fp32", "O2")
 LOSS_IMPLS = ("auto", "naive", "tiled", "fused")
@@ -69,26 +69,13 @@ VLKIT_COMPILE = {
     "both": ("eager", "compile"),
     "all": ("eager", "compile", "compile-static"),
 }
+PEER_DISTRIBUTIONS = ("open_clip_torch", "timm", "transformers")  # versions recorded with the machine
 PEER_COMPILE = {"off": ("eager",), "on": ("compile",), "both": ("eager", "compile")}
 INPUTS_NOTE = (
     "images randn [B,3,H,W] float32; token ids uniform in [1, eot) over the full context with eot at the last "
     "position (every system runs all positions); labels uniform in [0, num_classes); LLaMA: ids uniform in "
     "[0, vocab) of [B, seq_len], every next token a target"
 )
-
-
-@dataclass
-class System:
-    """One thing to time: a step function and what it is."""
-
-    source: str  # what exactly runs, for the record
-    step: Callable[[], Any]
-    precision: str
-    params: int
-    flops_per_step: int
-    notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    close: Callable[[], None] = lambda: None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,38 +101,6 @@ def make_inputs(
     else:
         out["label"] = torch.randint(0, model_cfg.num_classes, (batch,), generator=g)
     return {k: x.to(device) for k, x in out.items()}
-
-
-def clip_loss_for_count(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """open_clip's ClipLoss on one process (two logit matmuls): the loss every CLIP system is counted with, so that
-    vlkit's choice of loss kernel (whose Triton FLOPs the counter cannot see) does not move its count."""
-    img, txt, scale = out["image_features"].float(), out["text_features"].float(), out["logit_scale"]
-    labels = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(scale * img @ txt.T, labels) + F.cross_entropy(scale * txt @ img.T, labels)) / 2
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross-entropy: position t predicts token t + 1 (what transformers computes from ``labels=ids``)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def count_step_flops(meta_model: nn.Module, arch: str, inputs: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one forward + loss + backward of ``meta_model`` (on the meta device) at the inputs' shapes."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    meta = {k: torch.empty_like(v, device="meta") for k, v in inputs.items()}
-    meta_model.train()
-    with FlopCounterMode(display=False) as fc:
-        if arch == "llama":
-            out = meta_model(input_ids=meta["input_ids"])
-            logits = out if isinstance(out, torch.Tensor) else out.logits  # transformers returns an output object
-            loss = next_token_loss(logits, meta["input_ids"])
-        elif arch == "clip":
-            loss = clip_loss_for_count(meta_model(meta["image"], meta["text"]))
-        else:
-            loss = F.cross_entropy(meta_model(meta["image"]).float(), meta["label"])
-        loss.backward()
-    return int(fc.get_total_flops())
 
 
 def _count_params(model: nn.Module) -> int:
@@ -316,336 +271,6 @@ def _plan_dict(plan) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Peers: the same architecture in open_clip / timm
-
-
-def mlp_ratio(ffn: int, width: int) -> float:
-    """The ratio open_clip and timm turn back into ``int(width * ratio)`` hidden units, landing on ``ffn`` exactly."""
-    ratio = ffn / width
-    return ratio if int(width * ratio) == ffn else (ffn + 0.5) / width
-
-
-def openclip_config(model_cfg) -> tuple[dict[str, Any], list[str]]:
-    """open_clip ``CLIP`` kwargs (embed_dim, vision_cfg, text_cfg, quick_gelu) for a vlkit CLIP config, and what
-    open_clip cannot express (empty when the two networks are the same)."""
-    v, t = model_cfg.vision, model_cfg.text
-    issues = []
-    acts = {v.activation, t.activation}
-    if not acts <= {"gelu", "quick_gelu"} or len(acts) > 1:
-        issues.append(f"activations {v.activation}/{t.activation} (open_clip: one of gelu | quick_gelu for both)")
-    for name, c in (("vision", v), ("text", t)):
-        if c.normalization != "layernorm":
-            issues.append(f"{name} normalization {c.normalization}")
-        if not c.bias:
-            issues.append(f"{name} without biases")
-        if c.hidden_dropout or c.attention_dropout or c.drop_path_rate:
-            issues.append(f"{name} dropout / drop path")
-        if c.output_dim not in (None, model_cfg.output_dim):
-            issues.append(f"{name} output_dim {c.output_dim} != {model_cfg.output_dim}")
-    if v.class_token_length != 1:
-        issues.append(f"{v.class_token_length} class tokens (open_clip: 1)")
-    if v.patch_bias:
-        issues.append("patch-embedding bias (open_clip: none)")
-    if v.num_channels != 3:
-        issues.append(f"{v.num_channels} image channels")
-    if not t.causal:
-        issues.append("bidirectional text tower")
-    vision = {
-        "layers": v.num_layers,
-        "width": v.hidden_size,
-        "head_width": v.hidden_size // v.num_attention_heads,
-        "mlp_ratio": mlp_ratio(v.ffn_size, v.hidden_size),
-        "patch_size": v.patch_dim,
-        "image_size": v.img_h if v.img_h == v.img_w else (v.img_h, v.img_w),
-    }
-    if not v.pre_norm:
-        vision["no_ln_pre"] = True
-    if v.drop_patch_rate:
-        vision["patch_dropout"] = v.drop_patch_rate
-    if v.global_average_pool:
-        vision["pool_type"] = "avg"
-    text = {
-        "context_length": t.encoder_seq_length,
-        "vocab_size": t.vocab_size,
-        "width": t.hidden_size,
-        "heads": t.num_attention_heads,
-        "layers": t.num_layers,
-        "mlp_ratio": mlp_ratio(t.ffn_size, t.hidden_size),
-    }
-    if t.pooling == "first":
-        text["pool_type"] = "first"
-    elif t.eot_token_id != t.vocab_size - 1:  # open_clip's argmax pooling finds eot only as the largest id
-        text.update(pool_type="eos", eos_id=t.eot_token_id)
-    for d, c in ((vision, v), (text, t)):
-        if c.layernorm_epsilon != 1e-5:
-            d["norm_kwargs"] = {"eps": c.layernorm_epsilon}
-    kwargs = {"embed_dim": model_cfg.output_dim, "vision_cfg": vision, "text_cfg": text}
-    if v.activation == "quick_gelu":
-        kwargs["quick_gelu"] = True
-    return kwargs, issues
-
-
-def openclip_named_match(kwargs: dict[str, Any]) -> str | None:
-    """The built-in open_clip model whose config equals ``kwargs`` (so the peer is exactly what its users run)."""
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-    def norm(cfg: dict) -> tuple | None:
-        try:
-            return (
-                cfg["embed_dim"],
-                bool(cfg.get("quick_gelu", False)),
-                CLIPVisionCfg(**cfg["vision_cfg"]),
-                CLIPTextCfg(**cfg["text_cfg"]),
-            )
-        except (TypeError, KeyError):
-            return None
-
-    want = norm(kwargs)
-    for name in open_clip.list_models():
-        cfg = open_clip.get_model_config(name)
-        if cfg and not cfg.get("custom_text") and "multimodal_cfg" not in cfg and norm(cfg) == want:
-            return name
-    return None
-
-
-@contextlib.contextmanager
-def _quiet_root_warnings():
-    # open_clip logs "No pretrained weights loaded" on the root logger for every random-init model.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    # The anchors' optimizer: AdamW, fused on CUDA.
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, **kwargs)
-
-
-def build_openclip(model_cfg, args, device: torch.device, compiled: bool, inputs: dict) -> System:
-    import open_clip
-
-    kwargs, issues = openclip_config(model_cfg)
-    named = openclip_named_match(kwargs) if not issues else None
-    with _quiet_root_warnings():
-        if named:
-
-            def make(dev):
-                return open_clip.create_model(named, pretrained=None, output_dict=True, device=dev)
-
-            source = f"open_clip {_version('open_clip_torch')} create_model({named!r})"
-        else:
-
-            def make(dev):
-                return open_clip.create_model("ViT-B-16", pretrained=None, output_dict=True, device=dev, **kwargs)
-
-            source = f"open_clip {_version('open_clip_torch')} create_model with the preset's config {kwargs}"
-        with torch.device("meta"):
-            meta = make("meta")
-        params, flops = _count_params(meta), count_step_flops(meta, "clip", inputs)
-        del meta
-        model = make(device)
-    model.train()
-    opt = _adamw(model, device)
-    loss_fn = open_clip.ClipLoss()
-    fwd = torch.compile(model) if compiled else model
-    peer_precision = "fp32" if args.precision == "fp32" else "bf16"
-    img, ids = inputs["image"], inputs["text"]
-    max_scale = float(model_cfg.logit_scale_max)
-
-    def step():
-        with _autocast(device, peer_precision):
-            out = fwd(img, ids)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # open_clip's training loop clamps after every step
-            model.logit_scale.clamp_(0, max_scale)
-
-    notes = [f"architecture differs: {'; '.join(issues)}"] if issues else []
-    if args.precision == "O2":
-        notes.append("peer runs bf16 autocast (O2 is vlkit's FSDP mixed precision)")
-    return System(
-        source=source + (" + torch.compile(model)" if compiled else ""),
-        step=step,
-        precision=peer_precision,
-        params=params,
-        flops_per_step=flops,
-        notes=notes,
-        extra={"architecture_issues": issues, "open_clip_model": named or kwargs},
-    )
-
-
-TIMM_BASE = {"patch_size": 16, "img_size": 224, "embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0}
-
-
-def timm_config(model_cfg) -> tuple[dict[str, Any], list[str]]:
-    """timm ``VisionTransformer`` kwargs for a vlkit ViT-classifier config, and what timm cannot express."""
-    v = model_cfg.vision
-    issues = []
-    if v.normalization != "layernorm":
-        issues.append(f"normalization {v.normalization}")
-    if v.patch_bias == v.pre_norm:  # timm: a patch-embedding bias exactly when there is no pre-norm
-        issues.append(f"patch_bias={v.patch_bias} with pre_norm={v.pre_norm} (timm ties bias = not pre_norm)")
-    if v.drop_patch_rate:
-        issues.append("patch dropout")
-    acts = {"gelu": None, "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
-    if v.activation not in acts:
-        issues.append(f"activation {v.activation}")
-    kwargs: dict[str, Any] = {
-        "img_size": v.img_h if v.img_h == v.img_w else (v.img_h, v.img_w),
-        "patch_size": v.patch_dim,
-        "in_chans": v.num_channels,
-        "num_classes": model_cfg.num_classes,
-        "embed_dim": v.hidden_size,
-        "depth": v.num_layers,
-        "num_heads": v.num_attention_heads,
-        "mlp_ratio": mlp_ratio(v.ffn_size, v.hidden_size),
-        "qkv_bias": v.bias,
-        "proj_bias": v.bias,
-        "class_token": v.class_token_length > 0,
-        # vlkit's extra class tokens are what timm calls register tokens: same sequence, same position table.
-        "reg_tokens": max(v.class_token_length - 1, 0),
-        "pre_norm": v.pre_norm,
-        "global_pool": "avg" if v.global_average_pool else "token",
-        "fc_norm": False,
-        "drop_rate": v.hidden_dropout,
-        "proj_drop_rate": v.hidden_dropout,
-        "attn_drop_rate": v.attention_dropout,
-        "drop_path_rate": v.drop_path_rate,
-    }
-    if acts.get(v.activation):
-        kwargs["act_layer"] = acts[v.activation]
-    return kwargs, issues
-
-
-# Values that change nothing when an older timm lacks the argument (the GPU machines carry their own timm).
-TIMM_NEUTRAL = {
-    "qkv_bias": True,
-    "proj_bias": True,
-    "class_token": True,
-    "reg_tokens": 0,
-    "pre_norm": False,
-    "fc_norm": False,
-    "drop_rate": 0.0,
-    "proj_drop_rate": 0.0,
-    "attn_drop_rate": 0.0,
-    "drop_path_rate": 0.0,
-}
-
-
-def supported_kwargs(cls, kwargs: dict, neutral: dict) -> tuple[dict, dict]:
-    """``kwargs`` less those ``cls`` does not accept; returns (kept, dropped-and-not-neutral)."""
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs, {}
-    kept = {k: v for k, v in kwargs.items() if k in params}
-    dropped = {k: v for k, v in kwargs.items() if k not in params and (k not in neutral or neutral[k] != v)}
-    return kept, dropped
-
-
-def build_timm(model_cfg, args, device: torch.device, compiled: bool, inputs: dict) -> System:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
-    kwargs, issues = timm_config(model_cfg)
-    kwargs, dropped = supported_kwargs(VisionTransformer, kwargs, TIMM_NEUTRAL)
-    issues += [f"this timm has no {k}={val!r}" for k, val in dropped.items()]
-    named = all(kwargs[k] == val for k, val in TIMM_BASE.items())
-    extra_kwargs = {k: val for k, val in kwargs.items() if k not in TIMM_BASE}
-
-    def make():
-        if named:
-            return timm.create_model("vit_base_patch16_224", pretrained=False, **extra_kwargs)
-        return VisionTransformer(**kwargs)
-
-    with torch.device("meta"):
-        meta = make()
-    params, flops = _count_params(meta), count_step_flops(meta, "vit_classifier", inputs)
-    del meta
-    model = make().to(device).train()
-    opt = _adamw(model, device)
-    fwd = torch.compile(model) if compiled else model
-    peer_precision = "fp32" if args.precision == "fp32" else "bf16"
-    img, labels = inputs["image"], inputs["label"]
-
-    def step():
-        with _autocast(device, peer_precision):
-            loss = F.cross_entropy(fwd(img), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    shown = ", ".join(f"{k}={val!r}" for k, val in (extra_kwargs if named else kwargs).items())
-    what = f"create_model('vit_base_patch16_224', {shown})" if named else f"VisionTransformer({shown})"
-    notes = [f"architecture differs: {'; '.join(issues)}"] if issues else []
-    if args.precision == "O2":
-        notes.append("peer runs bf16 autocast (O2 is vlkit's FSDP mixed precision)")
-    return System(
-        source=f"timm {_version('timm')} {what}" + (" + torch.compile(model)" if compiled else ""),
-        step=step,
-        precision=peer_precision,
-        params=params,
-        flops_per_step=flops,
-        notes=notes,
-        extra={"architecture_issues": issues, "timm_kwargs": kwargs},
-    )
-
-
-def build_transformers(model_cfg, args, device: torch.device, compiled: bool, inputs: dict) -> System:
-    """transformers' LlamaForCausalLM with the preset's config, as the anchors ran it: pure bf16 weights (no
-    autocast, no fp32 master copy), SDPA attention, ``labels=ids`` loss, fused AdamW."""
-    import transformers
-
-    from vlkit.interop.hf_llama import hf_config_from_llm
-
-    config = transformers.LlamaConfig(**hf_config_from_llm(model_cfg.llm))
-    config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        meta = transformers.LlamaForCausalLM(config)
-    params, flops = _count_params(meta), count_step_flops(meta, "llama", inputs)
-    del meta
-    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
-    opt = _adamw(model, device)
-    fwd = torch.compile(model) if compiled else model
-    ids = inputs["input_ids"]
-
-    def step():
-        fwd(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    notes = ["peer runs pure bf16 weights (the anchors' setting)"] if dtype == torch.bfloat16 else []
-    return System(
-        source=f"transformers {_version('transformers')} LlamaForCausalLM, {str(dtype).removeprefix('torch.')} "
-        "weights, sdpa" + (" + torch.compile(model)" if compiled else ""),
-        step=step,
-        precision="pure bf16" if dtype == torch.bfloat16 else "fp32",
-        params=params,
-        flops_per_step=flops,
-        notes=notes,
-    )
-
-
-PEER_BUILDERS = {"open_clip": build_openclip, "timm": build_timm, "transformers": build_transformers}
-PEER_MODULES = {"open_clip": "open_clip", "timm": "timm", "transformers": "transformers"}
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Timing
 
 
@@ -710,55 +335,12 @@ def measure(system: System, device: torch.device, args: argparse.Namespace, peak
 # Report
 
 
-def _version(dist_name: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _vlkit_version() -> str:
-    import vlkit
-
-    return vlkit.__version__
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": str(device),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _version("triton") or _version("pytorch-triton"),
-        "open_clip_torch": _version("open_clip_torch"),
-        "timm": _version("timm"),
-        "transformers": _version("transformers"),
-        "vlkit": _vlkit_version(),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=torch.cuda.get_device_name(device),
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            compute_capability=f"{props.major}.{props.minor}",
-            cudnn=torch.backends.cudnn.version(),
-        )
-    return info
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def add_ratios(rows: list[dict]) -> list[str]:
     """``ratio_vs[peer system]`` = this row's samples/s over the peer's; returns the peer columns in order."""
     peers = [r for r in rows if r["kind"] == "peer" and r.get("samples_per_s")]
     for r in rows:
-        r["ratio_vs"] = {p["system"]: r["samples_per_s"] / p["samples_per_s"] for p in peers if r.get("samples_per_s")}
+        r["ratio_vs"] = {p["system"]: ratio(r.get("samples_per_s"), p["samples_per_s"]) for p in peers}
+        r["ratio_vs"] = {k: v for k, v in r["ratio_vs"].items() if v is not None}
     return [p["system"] for p in peers]
 
 
@@ -774,20 +356,15 @@ def format_table(rows: list[dict], peer_cols: list[str], title: str) -> str:
         mfu = None if r["mfu"] is None else 100 * r["mfu"]
         cells = [
             r["system"],
-            _fmt(r["tokens_per_s"] if tokens else r["samples_per_s"], ".1f"),
-            _fmt(r["step_ms"], ".2f"),
-            _fmt(r["achieved_tflops"], ".3g"),
+            fmt(r["tokens_per_s"] if tokens else r["samples_per_s"], ".1f"),
+            fmt(r["step_ms"], ".2f"),
+            fmt(r["achieved_tflops"], ".3g"),
             "-" if mfu is None else f"{mfu:.1f}%",
-            _fmt(r["peak_mem_gib"], ".2f"),
+            fmt(r["peak_mem_gib"], ".2f"),
         ]
-        cells += [_fmt(r["ratio_vs"].get(p), ".2f") + "x" if p in r["ratio_vs"] else "-" for p in peer_cols]
+        cells += [fmt(r["ratio_vs"].get(p), ".2f") + "x" if p in r["ratio_vs"] else "-" for p in peer_cols]
         lines.append(cells)
-    widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-
-    def join(cells: list) -> str:  # system name left-aligned, numbers right-aligned
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([title, join(head), *(join(cells) for cells in lines)])
+    return "\n".join([title, *format_columns(head, lines)])
 
 
 def equivalent_command(args: argparse.Namespace, device: torch.device, peers: list[str]) -> str:
@@ -920,7 +497,7 @@ def _resolve_peers(spec: str | None, arch: str) -> tuple[list[str], list[dict], 
     if spec is None:
         run, skipped = [], []
         for p in family:
-            ok, why = _importable(PEER_MODULES[p])
+            ok, why = _importable(peers.PEER_MODULES[p])
             if ok:
                 run.append(p)
             else:
@@ -928,11 +505,11 @@ def _resolve_peers(spec: str | None, arch: str) -> tuple[list[str], list[dict], 
         return run, skipped, None
     names = [] if spec.strip() == "none" else [s.strip() for s in spec.split(",") if s.strip()]
     for p in names:
-        if p not in PEER_BUILDERS:
-            return [], [], f"unknown peer {p!r} (choose from {', '.join(PEER_BUILDERS)}, or none)"
+        if p not in peers.PEER_BUILDERS:
+            return [], [], f"unknown peer {p!r} (choose from {', '.join(peers.PEER_BUILDERS)}, or none)"
         if p not in family:
             return [], [], f"peer {p!r} does not train model.arch={arch!r} (its peers: {', '.join(family) or 'none'})"
-        ok, why = _importable(PEER_MODULES[p])
+        ok, why = _importable(peers.PEER_MODULES[p])
         if not ok:
             hint = {"open_clip": "open_clip_torch==3.3.0"}.get(p, p)
             return [], [], f"peer {p!r} was asked for but cannot be imported ({why}); pip install {hint}"
@@ -964,10 +541,6 @@ def _plan(args: argparse.Namespace, peers: list[str]) -> list[tuple[str, str]]:
             order.append(("vlkit", mode))
         order += [(p, mode) for p in peers if mode in PEER_COMPILE[args.peer_compile]]
     return order
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def _free(device: torch.device) -> None:
@@ -1032,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "training step throughput, one device, random on-device data",
         "command": equivalent_command(args, device, peers),
         "argv": list(sys.argv),
-        "machine": machine_info(device),
+        "machine": machine_info(device, PEER_DISTRIBUTIONS),
         "settings": {
             "model": args.model,
             "overrides": list(args.overrides),
@@ -1101,7 +674,7 @@ def run_system(
             if which == "vlkit":
                 system = build_vlkit(args, device, compiled, inputs)
             else:
-                system = PEER_BUILDERS[which](model_cfg, args, device, compiled, inputs)
+                system = peers.PEER_BUILDERS[which](model_cfg, args, device, compiled, inputs)
             if mode == "compile-static":
                 system.source += ", automatic dynamic shapes off"
             row.update(source=system.source, precision=system.precision, params=system.params,
@@ -1111,7 +684,7 @@ def run_system(
             row.update(measure(system, device, args, peak_flops))
         row["status"] = "ok"
     except Exception as e:
-        row["status"] = "oom" if _is_oom(e) else "error"
+        row["status"] = "oom" if is_oom(e) else "error"
         row["error"] = f"{type(e).__name__}: {e}"
         print(f"[{label}] {row['status']}: {row['error']}", file=log, flush=True)
     finally:
