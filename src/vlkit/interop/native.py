@@ -15,6 +15,7 @@ model directory from any parallel layout; the trainer uses it for ``<output_dir>
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,15 @@ def save_full_model(model: nn.Module, path: str | Path, extra: dict | None = Non
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # Every rank takes part in the gather; with cpu_offload only rank 0 keeps the full tensors.
-        state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # FSDP x TP parameters gather in two all-gathers, and DTensor logs a warning per parameter saying so (on
+        # every rank, at the end of every run): expected here, once per export, so kept out of the user's output.
+        redistribute = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = redistribute.level
+        redistribute.setLevel(logging.ERROR)
+        try:
+            state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        finally:
+            redistribute.setLevel(level)
     else:
         state = inner.state_dict() if rank == 0 else {}
     if rank != 0:
