@@ -88,7 +88,8 @@ def _run_info(args: argparse.Namespace) -> int:
 # Sub-commands that live in their own modules. Each module exposes ``register(subparsers)``, which adds its parser(s)
 # and sets ``func``.
 DATA_COMMANDS = ("vlkit.data.shapes", "vlkit.data.shapes_vqa", "vlkit.data.check", "vlkit.data.write")
-BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.train", "vlkit.bench.tokenizer", "vlkit.bench.data")
+# ``bench serve`` lives with the server it measures (serve/ is a front, above bench/).
+BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.train", "vlkit.bench.tokenizer", "vlkit.bench.data", "vlkit.serve.bench")
 
 
 def _register_modules(sub: argparse._SubParsersAction, modules: Sequence[str]) -> None:
@@ -138,6 +139,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_info(sub)
     _register_modules(sub, ("vlkit.catalog",))
     _register_modules(sub, ("vlkit.train.cli", "vlkit.eval.cli", "vlkit.predict", "vlkit.interop.cli", "vlkit.chat"))
+    _register_modules(sub, ("vlkit.serve.index_cli", "vlkit.serve.cli"))
     _add_group(
         sub,
         "data",
