@@ -14,7 +14,7 @@ _EXPORTS = {
     "create_model": "vlkit.models.factory",
     "load_model": "vlkit.interop.native",
     "save_model": "vlkit.interop.native",
-    "load_vision_encoder": "vlkit.interop.vision",
+    "load_vision_encoder": "vlkit.interop.native",
     "load_config": "vlkit.config",
     "get_tokenizer": "vlkit.data.tokenizer",
     "get_transform": "vlkit.data.transforms",

@@ -7,8 +7,8 @@ from transformers import LlamaForCausalLM as HFLlama
 
 import vlkit
 from vlkit.config import load_config
-from vlkit.interop.native import ModelFormatError
-from vlkit.interop.neva import build_neva_model, load_adapter
+from vlkit.interop.native import ModelFormatError, build_neva_model
+from vlkit.interop.neva import load_adapter
 from vlkit.models.neva import trainable_state_dict
 from vlkit.train.checkpoint import CheckpointManager
 

@@ -24,13 +24,12 @@ from torch import nn
 
 from vlkit.interop.checkpoint_files import (
     CheckpointError,
-    find_checkpoint,
-    is_checkpoint,
     read_model_state,
     read_tensors,
     read_train_state,
     run_model_config,
 )
+from vlkit.interop.detect import detect_format, resolve_model_path, resolve_model_source  # noqa: F401
 
 # The shared helpers live in files.py (so that the format modules need not import this dispatcher); the names
 # below stay importable from here too, as tests, docs and callers have long spelt them ``vlkit.interop.native.X``.
@@ -55,6 +54,10 @@ from vlkit.interop.files import (  # noqa: F401
     with_overrides,
     write_model_files,
 )
+from vlkit.interop.neva import build_neva_model as _build_neva_model
+from vlkit.interop.neva import neva_from_weights
+from vlkit.interop.vision import VisionEncoder
+from vlkit.interop.vision import load_vision_tower as _load_vision_tower
 from vlkit.models.factory import create_model, model_config_dict, resolve_model_config
 from vlkit.utils.modules import is_sharded, unwrap
 
@@ -125,118 +128,6 @@ def load_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
         raise ModelFormatError(str(e)) from None
 
 
-def _listing(path: Path) -> str:
-    names = sorted(p.name for p in path.iterdir())
-    if not names:
-        return "it is empty"
-    return "it holds " + ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
-def resolve_model_source(path: str | Path) -> Path:
-    """The directory a model path stands for.
-
-    A model or checkpoint directory, or a file, is itself. A run directory (``trainer.output_dir``) or a checkpoints
-    folder stands for its latest complete checkpoint, by the rule the trainer resumes with (the ``latest`` pointer
-    when it names a complete checkpoint, else the newest complete one); a run directory without one, for the model
-    the trainer exported into it (``model/``). Anything else is itself (:func:`detect_format` then says what it is).
-
-    Raises:
-        ModelFormatError: the directory holds checkpoints, none of them complete, and no exported model.
-    """
-    path = Path(path)
-    if not path.is_dir() or is_checkpoint(path):
-        return path
-    if (path / CONFIG_FILE).is_file() or (path / OPEN_CLIP_CONFIG_FILE).is_file():
-        return path
-    exported = path / RUN_MODEL_DIR
-    try:
-        found = find_checkpoint(path)
-    except CheckpointError as e:
-        if (exported / CONFIG_FILE).is_file():
-            return exported
-        raise ModelFormatError(str(e)) from None
-    if found is not None:
-        return found
-    return exported if (exported / CONFIG_FILE).is_file() else path
-
-
-def resolve_model_path(path: str) -> str:
-    """The directory ``--model PATH`` stands for: a model or checkpoint directory is itself; a run directory or its
-    ``checkpoints/`` folder, its latest complete checkpoint (the trainer's rule; see
-    :func:`vlkit.interop.native.resolve_model_source`). Left as given when nothing fits, so that loading it says
-    what is wrong."""
-    try:
-        found = resolve_model_source(path)
-    except (ModelFormatError, OSError):
-        return path
-    return path if found == Path(path) else str(found)
-
-
-def detect_format(path: str | Path) -> tuple[str, Path]:
-    """Which kind of model ``path`` holds, judged by content: ``(kind, where)``.
-
-    kind is ``vlkit`` (config.json with ``format: vlkit``), ``checkpoint`` (a trainer checkpoint directory, single
-    or sharded; a run directory or a checkpoints folder gives its latest complete one, see
-    :func:`resolve_model_source`), ``hf`` (a transformers CLIPModel config.json), ``hf_vision`` (a CLIPVisionModel
-    config.json: a vision tower only), ``hf_llama`` (a LlamaForCausalLM config.json), ``llava`` (a
-    LlavaForConditionalGeneration config.json) or ``open_clip`` (open_clip_config.json, or a weights file whose
-    keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to load; a path to a
-    directory's config.json means the directory.
-
-    Raises:
-        ModelFormatError: anything else; the message names the path and what was found there.
-    """
-    from vlkit.interop import open_clip
-    from vlkit.interop.hf import is_hf_clip_config, is_hf_clip_vision_config, looks_like_hf_clip_state_dict
-    from vlkit.interop.hf_llama import is_hf_llama_config
-    from vlkit.interop.hf_llava import is_hf_llava_config
-
-    path = Path(path)
-    if not path.exists():
-        raise ModelFormatError(f"{path}: no such file or directory")
-    if path.is_file() and path.name in (CONFIG_FILE, OPEN_CLIP_CONFIG_FILE):
-        return detect_format(path.parent)
-    if is_checkpoint(path):
-        return "checkpoint", path
-    resolved = resolve_model_source(path)
-    if resolved != path:
-        return detect_format(resolved)
-    if path.is_dir():
-        cfg_file = path / CONFIG_FILE
-        config = read_json(cfg_file) if cfg_file.is_file() else None
-        if config is not None:
-            if config.get("format") == FORMAT:
-                return "vlkit", path
-            if is_hf_clip_config(config):
-                return "hf", path
-            if is_hf_clip_vision_config(config):
-                return "hf_vision", path
-            if is_hf_llava_config(config):
-                return "llava", path
-            if is_hf_llama_config(config):
-                return "hf_llama", path
-        if open_clip.is_open_clip_dir(path):
-            return "open_clip", path
-        if config is None:
-            raise ModelFormatError(
-                f"{path}: no {CONFIG_FILE} (vlkit or Hugging Face) and no {OPEN_CLIP_CONFIG_FILE}; {_listing(path)}"
-            )
-        raise ModelFormatError(
-            f"{cfg_file}: not a vlkit model config (format={config.get('format')!r}) nor a Hugging Face CLIP, LLaMA "
-            f"or LLaVA config (model_type={config.get('model_type')!r}, architectures={config.get('architectures')!r})"
-        )
-    keys = read_weights_keys(path)
-    if open_clip.looks_like_open_clip_state_dict(keys):
-        return "open_clip", path
-    if looks_like_hf_clip_state_dict(keys):
-        raise ModelFormatError(
-            f"{path}: Hugging Face CLIP weights without their config: pass the directory holding them and config.json"
-        )
-    if any(k.startswith(("visual.patch_embed.", "backbone.patch_embed.")) for k in keys):
-        raise ModelFormatError(f"{path}: vlkit weights: pass the model directory (with its {CONFIG_FILE})")
-    raise ModelFormatError(f"{path}: a weights file of no known layout; its {len(keys)} keys begin {keys[:4]}")
-
-
 def _load_vlkit(path: Path, device: str | torch.device, strict: bool, overrides: dict[str, Any]) -> nn.Module:
     config = read_config(path)
     text = config["model"].get("text")
@@ -258,10 +149,8 @@ def _from_weights(
     overrides: dict[str, Any],
 ) -> nn.Module:  # fmt: skip
     if model_config.get("arch") == "neva" and strict and not overrides:
-        from vlkit.interop.neva import neva_from_weights
-
         # A NeVA trainer checkpoint may hold only what trained (stage 1: the projector); the config names the rest.
-        return neva_from_weights(model_config, state, device=device, where=str(where))
+        return neva_from_weights(model_config, state, load_model, device=device, where=str(where))
     stored_grid = None
     if overrides:
         stored_grid = resolve_model_config(model_config).vision.grid_size
@@ -341,3 +230,47 @@ def load_model(
 
     model = load_open_clip(where)
     return with_overrides(model, device, **overrides)
+
+
+# -- loaders of pretrained parts, given this dispatcher --------------------------------------------------------------
+# A pretrained part (a vision tower, an LLM) may be stored in any format this module reads, so the part loaders in
+# vision.py and neva.py take the dispatcher as an argument; these are their public forms.
+def load_vision_tower(path: str | Path, *, device: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
+    """The whole image tower of a pretrained model directory; see :func:`vlkit.interop.vision.load_vision_tower`."""
+    return _load_vision_tower(path, load_model, device=device, **overrides)
+
+
+def load_vision_encoder(
+    path: str | Path,
+    select_layer: int = -2,
+    drop_class_token: bool = True,
+    *,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> VisionEncoder:
+    """The patch features of one layer of a pretrained image tower, for NeVA's projector.
+
+    Args:
+        path: a vlkit directory (CLIP or ViT classifier), a transformers ``CLIPModel`` or ``CLIPVisionModel``
+            directory, or an open_clip directory; recognised by content, as :func:`load_model` does.
+        select_layer: transformers' ``hidden_states`` index (see :mod:`vlkit.interop.vision`); -2: the penultimate
+            block.
+        drop_class_token: return the patch tokens only.
+        device: where the encoder is built.
+        **overrides: vision config overrides relative to ``model``, e.g. ``vision__img_h=336, vision__img_w=336``
+            (the position table is resampled).
+
+    Returns:
+        A plain, trainable :class:`VisionEncoder` (freeze it yourself); ``.config``, ``.hidden_size``.
+
+    Raises:
+        ModelFormatError: the path holds no model with a vision tower.
+        ValueError: ``select_layer`` outside the tower's hidden states.
+    """
+    return VisionEncoder(load_vision_tower(path, device=device, **overrides), select_layer, drop_class_token)
+
+
+def build_neva_model(cfg: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple:
+    """The NeVA of ``cfg`` with the pretrained parts its ``mm_cfg`` names; see
+    :func:`vlkit.interop.neva.build_neva_model`."""
+    return _build_neva_model(cfg, load_model, device=device, dtype=dtype)

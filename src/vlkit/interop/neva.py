@@ -17,6 +17,7 @@ loaded tensors as they are or is materialised and initialised on ``device``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -28,6 +29,10 @@ from vlkit.interop.files import WEIGHTS_FILE, ModelFormatError, read_json, read_
 from vlkit.models.factory import create_model, resolve_model_config
 from vlkit.models.neva import NevaModel, freeze, load_trainable_state_dict
 from vlkit.nn import RotaryEmbedding
+
+# The format dispatcher (vlkit.interop.native.load_model): a pretrained part may be stored in any format it reads,
+# NeVA's own included, so it is passed in rather than imported (the dispatcher builds NeVA models with this module).
+LoadModel = Callable[..., nn.Module]
 
 # model.llm settings that belong to the run, not to the checkpoint: they survive a pretrained LLM.
 RUN_SETTINGS = (
@@ -69,7 +74,9 @@ def _differences(key: str, old: TransformerConfig, new: TransformerConfig, skip:
     ]
 
 
-def _load_vision(cfg: ModelConfig, device: torch.device | str) -> tuple[nn.Module, VisionConfig, list[str]]:
+def _load_vision(
+    cfg: ModelConfig, load_model: LoadModel, device: torch.device | str
+) -> tuple[nn.Module, VisionConfig, list[str]]:
     """(the whole pretrained tower, its config, notes)."""
     from vlkit.interop.vision import load_vision_tower
 
@@ -79,7 +86,7 @@ def _load_vision(cfg: ModelConfig, device: torch.device | str) -> tuple[nn.Modul
     overrides = {}
     if enc.crop_size is not None:
         overrides = {"vision__img_h": int(enc.crop_size[0]), "vision__img_w": int(enc.crop_size[1])}
-    tower = load_vision_tower(path, device=device, **overrides)
+    tower = load_vision_tower(path, load_model, device=device, **overrides)
     vision = replace(tower.config, output_dim=None)  # NeVA reads hidden states; a CLIP projection is never used
     for name, said in (("patch_dim", enc.patch_dim), ("hidden_size", enc.hidden_size)):
         if said is not None and said != getattr(vision, name):
@@ -90,10 +97,9 @@ def _load_vision(cfg: ModelConfig, device: torch.device | str) -> tuple[nn.Modul
     return tower, vision, notes
 
 
-def _load_llm(cfg: ModelConfig, device: torch.device | str) -> tuple[dict, LLMConfig, list[str]]:
+def _load_llm(cfg: ModelConfig, load_model: LoadModel, device: torch.device | str) -> tuple[dict, LLMConfig, list[str]]:
     """(the decoder's state dict, the merged LLM config, notes)."""
     from vlkit.interop.hf_llama import is_hf_llama_config, load_hf_llama
-    from vlkit.interop.native import load_model
 
     key = "model.mm_cfg.llm.from_pretrained"
     path = resolve_pretrained(cfg.mm_cfg.llm.from_pretrained, key)
@@ -128,9 +134,12 @@ def _materialize(module: nn.Module, device: torch.device | str) -> None:
 
 
 def build_neva_model(
-    cfg: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    cfg: ModelConfig, load_model: LoadModel, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[NevaModel, list[str]]:
     """The NeVA of ``cfg`` with the pretrained parts its ``mm_cfg`` names, the rest freshly initialised.
+
+    ``load_model`` is the format dispatcher (:func:`vlkit.interop.native.load_model`) that reads a pretrained part
+    in whatever format it is stored; ``vlkit.interop.native.build_neva_model`` passes it.
 
     Returns:
         (model, notes): ``model.config`` is the config that really describes it (a pretrained tower's architecture
@@ -147,10 +156,10 @@ def build_neva_model(
     notes: list[str] = []
     tower = decoder_state = None
     if mm.vision_encoder.from_pretrained:
-        tower, vision, more = _load_vision(cfg, device)
+        tower, vision, more = _load_vision(cfg, load_model, device)
         cfg, notes = replace(cfg, vision=vision), notes + more
     if mm.llm.from_pretrained:
-        decoder_state, llm, more = _load_llm(cfg, device)
+        decoder_state, llm, more = _load_llm(cfg, load_model, device)
         cfg, notes = replace(cfg, llm=llm), notes + more
     cfg = resolve_model_config(cfg)  # validates the merged config (the layer read must exist in the new tower)
     model = create_model(cfg, device="meta")
@@ -259,7 +268,12 @@ def load_adapter(model: NevaModel, path: str | Path) -> Path:
 
 # -- saved models that hold part of the weights ------------------------------------------------------------------------
 def neva_from_weights(
-    cfg: ModelConfig | dict, state: dict[str, torch.Tensor], *, device: torch.device | str = "cpu", where: str = ""
+    cfg: ModelConfig | dict,
+    state: dict[str, torch.Tensor],
+    load_model: LoadModel,
+    *,
+    device: torch.device | str = "cpu",
+    where: str = "",
 ) -> NevaModel:
     """The NeVA of a saved config with the weights ``state``, whole or partial (a trainer checkpoint that left out
     the frozen parts its config loads from ``from_pretrained``, as stage 1 does).
@@ -281,7 +295,7 @@ def neva_from_weights(
     enc = replace(mm.vision_encoder, from_pretrained=None) if holds("vision_tower.") else mm.vision_encoder
     adapter = None if holds("projector.") else mm.pretrain_mm_mlp_adapter
     cfg = replace(cfg, mm_cfg=replace(mm, llm=llm, vision_encoder=enc, pretrain_mm_mlp_adapter=adapter))
-    model, _ = build_neva_model(cfg, device=device)
+    model, _ = build_neva_model(cfg, load_model, device=device)
     elsewhere = tuple(
         prefix
         for prefix, source in (

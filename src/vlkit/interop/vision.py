@@ -8,6 +8,7 @@ output of block k, so -1 is the last block's output (before the post-norm) and -
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from vlkit.models.neva import VisionEncoder, hidden_state_index
 from vlkit.models.vit import VisionTransformer
 
 # VisionEncoder and hidden_state_index live with the NeVA model (models sit below interop); re-exported here.
-__all__ = ["VisionEncoder", "hidden_state_index", "load_vision_encoder", "load_vision_tower"]
+__all__ = ["VisionEncoder", "hidden_state_index", "load_vision_tower"]
 
 
 def _vision_tower(model: nn.Module, path: Path) -> VisionTransformer:
@@ -31,12 +32,17 @@ def _vision_tower(model: nn.Module, path: Path) -> VisionTransformer:
     raise ModelFormatError(f"{path}: a {type(model).__name__} has no vision tower")
 
 
-def load_vision_tower(path: str | Path, *, device: str | torch.device = "cpu", **overrides: Any) -> VisionTransformer:
+def load_vision_tower(
+    path: str | Path, load_model: Callable[..., nn.Module], *, device: str | torch.device = "cpu", **overrides: Any
+) -> VisionTransformer:
     """The whole image tower (a :class:`VisionTransformer`, every block) of a pretrained model directory.
 
     Args:
         path: a vlkit directory (CLIP or ViT classifier), a transformers ``CLIPModel`` or ``CLIPVisionModel``
             directory, or an open_clip directory; recognised by content, as :func:`vlkit.load_model` does.
+        load_model: the format dispatcher (:func:`vlkit.interop.native.load_model`), which reads every format but
+            a Hugging Face vision tower alone; passed in because the dispatcher itself builds NeVA models from
+            pretrained towers (``vlkit.load_vision_tower`` binds it).
         device: where the tower is built.
         **overrides: vision config overrides relative to ``model``, e.g. ``vision__img_h=336, vision__img_w=336``
             (the position table is resampled).
@@ -44,7 +50,7 @@ def load_vision_tower(path: str | Path, *, device: str | torch.device = "cpu", *
     Raises:
         ModelFormatError: the path holds no model with a vision tower.
     """
-    from vlkit.interop.native import detect_format, load_model
+    from vlkit.interop.detect import detect_format
 
     kind, where = detect_format(Path(path))
     if kind in ("hf", "hf_vision"):  # the vision tower alone: the text tower is never built
@@ -52,32 +58,3 @@ def load_vision_tower(path: str | Path, *, device: str | torch.device = "cpu", *
 
         return load_hf_vision_tower(where, device=device, **overrides)
     return _vision_tower(load_model(where, device=device, **overrides), where)
-
-
-def load_vision_encoder(
-    path: str | Path,
-    select_layer: int = -2,
-    drop_class_token: bool = True,
-    *,
-    device: str | torch.device = "cpu",
-    **overrides: Any,
-) -> VisionEncoder:
-    """The patch features of one layer of a pretrained image tower, for NeVA's projector.
-
-    Args:
-        path: a vlkit directory (CLIP or ViT classifier), a transformers ``CLIPModel`` or ``CLIPVisionModel``
-            directory, or an open_clip directory; recognised by content, as :func:`vlkit.load_model` does.
-        select_layer: transformers' ``hidden_states`` index (see the module docstring); -2: the penultimate block.
-        drop_class_token: return the patch tokens only.
-        device: where the encoder is built.
-        **overrides: vision config overrides relative to ``model``, e.g. ``vision__img_h=336, vision__img_w=336``
-            (the position table is resampled).
-
-    Returns:
-        A plain, trainable :class:`VisionEncoder` (freeze it yourself); ``.config``, ``.hidden_size``.
-
-    Raises:
-        ModelFormatError: the path holds no model with a vision tower.
-        ValueError: ``select_layer`` outside the tower's hidden states.
-    """
-    return VisionEncoder(load_vision_tower(path, device=device, **overrides), select_layer, drop_class_token)

@@ -76,7 +76,7 @@ class NevaTask(Task):
 
     def build_model(self) -> nn.Module:
         from vlkit.data.tokenizer import get_tokenizer
-        from vlkit.interop.neva import build_neva_model
+        from vlkit.interop.native import build_neva_model
 
         self._resolve_data()
         model, notes = build_neva_model(self.cfg.model)
