@@ -206,10 +206,8 @@ def _histogram(lengths: list[int]) -> list[dict]:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, unit="shard", desc="checking", file=sys.stderr, disable=None)
 
 

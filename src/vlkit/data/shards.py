@@ -9,8 +9,7 @@ section is :func:`vlkit.data.loaders.loader_from_config`.
 from __future__ import annotations
 
 import importlib
-import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -215,18 +214,3 @@ def build_shard_loader(
         source, batch_size=batch_size, image_transform=image_transform, tokenizer=tokenizer, **dataset_kwargs
     )
     return ShardLoader(dataset, num_workers=num_workers, equal_batches=equal_batches, pin_memory=pin_memory)
-
-
-def iter_samples(urls: Iterable[str], **kwargs: Any) -> Iterator[tuple[str, Record | ShardError]]:
-    """Every raw record of ``urls`` in order, and a ShardError in place of each broken shard (for tools)."""
-    for url in urls:
-        try:
-            for record in iter_tar(url, **kwargs):
-                yield url, record
-        except ShardError as e:
-            yield url, e
-
-
-def dumps_state(state: dict) -> str:
-    """The loader state as compact JSON (what a checkpoint stores)."""
-    return json.dumps(state, separators=(",", ":"), sort_keys=True)
