@@ -89,7 +89,8 @@ def _run_info(args: argparse.Namespace) -> int:
 # and sets ``func``.
 DATA_COMMANDS = ("vlkit.data.shapes", "vlkit.data.shapes_vqa", "vlkit.data.check", "vlkit.data.write")
 # ``bench serve`` lives with the server it measures (serve/ is a front, above bench/).
-BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.train", "vlkit.bench.tokenizer", "vlkit.bench.data", "vlkit.serve.bench")
+BENCH_COMMANDS = ("vlkit.bench.loss", "vlkit.bench.fused", "vlkit.bench.train", "vlkit.bench.tokenizer",
+                  "vlkit.bench.data", "vlkit.serve.bench")  # fmt: skip
 
 
 def _register_modules(sub: argparse._SubParsersAction, modules: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ the others' results. The steps:
 
 1. ``fused``: the fused loss's correctness (bf16 and fp32 against a float64 reference at small B, against the naive
    fp32 loss at B = 16 384: loss, both feature gradients, the logit-scale gradient) and its speed against the naive
-   loss and ``torch.compile(naive)`` (``python -m vlkit.losses.fused_check``);
+   loss and ``torch.compile(naive)`` (``vlkit bench fused``);
 2. ``loss``: naive vs tiled vs fused, bf16 features, B = 16 384 / 65 536 / 98 304 / 262 144, D = 512, forward +
    backward, median of 10, peak extra memory (``vlkit bench loss``; the naive loss is skipped where B x B logits do not
    fit);
@@ -63,7 +63,7 @@ def steps(dry: bool) -> list[Step]:
                 120,
                 [
                     "-m",
-                    "vlkit.losses.fused_check",
+                    "vlkit.bench.fused",
                     "--device",
                     "cpu",
                     "--batch-sizes",
@@ -126,7 +126,7 @@ def steps(dry: bool) -> list[Step]:
             110,
             [
                 "-m",
-                "vlkit.losses.fused_check",
+                "vlkit.bench.fused",
                 "--batch-sizes",
                 "16384",
                 "--dim",

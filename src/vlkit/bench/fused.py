@@ -1,8 +1,9 @@
-"""Correctness check and benchmark of the fused contrastive loss against the naive loss, in one run.
+"""``vlkit bench fused``: correctness check and benchmark of the fused contrastive loss against the naive loss.
 
-GPU (the intended use)::
+One GPU command that checks, then times (``vlkit bench loss`` compares every implementation; this one proves the
+Triton kernels at the sizes that matter first)::
 
-    python -m vlkit.losses.fused_check --batch-sizes 16384,65536 --dim 512 --dtype bf16 --out DIR
+    vlkit bench fused --batch-sizes 16384,65536 --dim 512 --dtype bf16 --out DIR
 
 1. Correctness: fused loss and gradients against a float64 reference at small B (several dtypes, scales, labels,
    ragged and multi-block plans, both GEMM backends, degenerate features), and against the naive fp32 loss at
@@ -31,9 +32,21 @@ from pathlib import Path
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def register(sub: argparse._SubParsersAction) -> None:
+    """``vlkit bench fused ARGS``: the arguments go to :func:`main` as they are typed, since a CPU run re-executes
+    itself under Triton's interpreter with the same arguments."""
+    # No option prefix at this level (prefix_chars: a NUL no argument starts with): everything after "fused",
+    # --help included, is collected untouched for main's own parser.
+    p = sub.add_parser("fused", help=_SUMMARY, add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: main(args.argv))
+
+
+_SUMMARY = "correctness check and benchmark of the fused contrastive loss against the naive loss (one GPU command)"
+
+
 def _parse(argv):
-    summary = __doc__.split("\n\n")[0].replace("``", "")  # no docstring markup in help
-    p = argparse.ArgumentParser(prog="python -m vlkit.losses.fused_check", description=summary)
+    p = argparse.ArgumentParser(prog="vlkit bench fused", description=_SUMMARY)
     p.add_argument("--batch-sizes", default="16384,65536", help="comma-separated B values to benchmark")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="feature dtype of the fused loss")
@@ -53,7 +66,7 @@ def _parse(argv):
 def _reexec_interpreted(argv) -> None:
     # Triton picks interpreter vs compiler when a kernel is decorated; only a fresh process can switch.
     env = dict(os.environ, TRITON_INTERPRET="1")
-    os.execve(sys.executable, [sys.executable, "-m", "vlkit.losses.fused_check", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", "vlkit.bench.fused", *argv], env)
 
 
 def naive_loss(x, y, scale, labels=None):
