@@ -1,4 +1,4 @@
-"""``vlkit eval zeroshot | retrieval | classify | vqa --model PATH --data ... [--json]``.
+"""``vlkit eval zeroshot | retrieval | classify | vqa | llava-bench --model PATH --data ... [--json]``.
 
 Exit codes: 0 success, 2 bad usage (a missing path, the wrong kind of model, data that does not suit the task; the
 message names it), 1 anything else. Under ``torchrun`` every process runs the same command and evaluates its part
@@ -22,6 +22,7 @@ COMMANDS = {
     "retrieval": "image<->text retrieval: recall@1/5/10, mean and median rank (several captions per image)",
     "classify": "classifier accuracy: top-1, top-5, mean per-class recall of a ViT classifier",
     "vqa": "visual question answering with a NeVA model: exact match and VQA accuracy of greedy answers",
+    "llava-bench": "LLaVA-1.5's benchmarks with a NeVA model: vqav2, gqa, sqa (ScienceQA-IMG), mmbench, pope",
 }
 _EPILOGS = {
     "zeroshot": "examples:\n  vlkit eval zeroshot --model runs/clip-tiny-shapes --data data/shapes\n"
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` and its sub-commands to the ``vlkit`` parser (imports nothing heavy)."""
     p = sub.add_parser(
         "eval",
-        help="evaluate: zeroshot | retrieval | classify | vqa",
+        help="evaluate: zeroshot | retrieval | classify | vqa | llava-bench",
         description="Evaluate a model: zero-shot classification, image-text retrieval or classifier accuracy. "
         "Results print as text, or with --json as CLIP_benchmark's JSON (dataset, model, task, metrics).",
     )
@@ -50,9 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
             name,
             help=help_text,
             description=help_text[0].upper() + help_text[1:] + ".",
-            epilog=_EPILOGS[name],
+            epilog=_EPILOGS.get(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if name == "llava-bench":  # its own options, runner and epilog (benchmark files)
+            from vlkit.eval import llava_bench_cli
+
+            cp.epilog = llava_bench_cli.EPILOG
+            llava_bench_cli.add_arguments(cp)
+            cp.set_defaults(func=llava_bench_cli.run, eval_task=name)
+            continue
         if name == "vqa":  # its own options and runner (a generative model, question files)
             from vlkit.eval import vqa_cli
 
