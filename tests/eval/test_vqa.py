@@ -24,10 +24,14 @@ def test_normalize_answer(text, want):
 def test_score_single_and_several_references():
     assert score_answer("Red.", ["red"]) == (1.0, 1.0)
     assert score_answer("blue", ["red"]) == (0.0, 0.0)
-    # Humans' answers: two say red, one blue -> red scores min(2/3, 1), blue 1/3; four agreeing cap at 1.
-    assert score_answer("the red", ["red", "Red", "blue"]) == pytest.approx((1.0, 2 / 3))
-    assert score_answer("blue", ["red", "red", "blue"]) == pytest.approx((1.0, 1 / 3))
+    # Humans' answers, VQA's rule: min(1, matches among the other humans / 3), averaged over the humans. Two say red,
+    # one blue: red scores (1/3 + 1/3 + 2/3) / 3 = 4/9, blue (0 + 1/3 + 1/3) / 3 = 2/9; four agreeing cap at 1.
+    assert score_answer("the red", ["red", "Red", "blue"]) == pytest.approx((1.0, 4 / 9))
+    assert score_answer("blue", ["red", "red", "blue"]) == pytest.approx((1.0, 2 / 9))
     assert score_answer("red", ["red"] * 4 + ["blue"]) == (1.0, 1.0)
+    # VQAv2's ten answers: 1, 2, 3, 4 humans agreeing score 0.3, 0.6, 0.9, 1.
+    for k, want in ((1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)):
+        assert score_answer("red", ["red"] * k + ["blue"] * (10 - k))[1] == pytest.approx(want)
     assert score_answer("green", ["red", "blue"]) == (0.0, 0.0)
 
 
@@ -65,9 +69,9 @@ def test_metrics_on_a_hand_made_case(question_file):
     answers = {"What colour?": "red.", "What shape?": "square", "Count?": "two", "What colour is the sky?": "Blue"}
     bot = ScriptedAssistant(answers)
     result = evaluate_vqa(bot, question_file, batch_size=3)
-    # exact: 1, 0, 1, 1 -> 0.75; VQA: 1, 0, min(2/3, 1), 1 -> (8/3) / 4; the missing image is skipped and counted.
+    # exact: 1, 0, 1, 1 -> 0.75; VQA: 1, 0, 4/9 (two of three humans), 1; the missing image is skipped and counted.
     assert result.metrics["exact_match"] == pytest.approx(0.75)
-    assert result.metrics["vqa_accuracy"] == pytest.approx((1 + 0 + 2 / 3 + 1) / 4)
+    assert result.metrics["vqa_accuracy"] == pytest.approx((1 + 0 + 4 / 9 + 1) / 4)
     assert result.metrics["exact_match/color"] == 1.0 and result.metrics["exact_match/shape"] == 0.0
     assert result.num_samples == 4 and result.info["skipped"] == {"image_missing": 1}
     assert result.to_json()["task"] == "vqa" and result.to_json()["metrics"]["exact_match"] == 0.75

@@ -13,8 +13,9 @@ Each question is answered greedily (batched, with a KV cache) in the model's con
 normalised text (lowercase, punctuation and the articles a/an/the removed, whitespace collapsed):
 
 * ``exact_match``: the answer equals one of the references;
-* ``vqa_accuracy``: VQA's ``min(#references equal to the answer / 3, 1)`` for questions with several references
-  (humans' answers), the exact match for questions with one.
+* ``vqa_accuracy``: VQA's accuracy for questions with several references (humans' answers): ``min(1, #other
+  humans who gave the answer / 3)`` averaged over the humans (:func:`vlkit.eval.vqa_normalize.annotator_average`;
+  0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ of 10), the exact match for questions with one.
 
 :class:`Assistant` (a model with its tokenizer, template and image transform) is what ``vlkit chat`` talks to, and
 :func:`evaluate_vqa` is what NeVA training evaluates on its held-out split.
@@ -36,6 +37,7 @@ from torch import nn
 
 from vlkit.data.conversation import GPT, HUMAN, IMAGE_TOKEN, ConversationTokenizer, Turn
 from vlkit.eval.results import EvalResult, EvalUsageError
+from vlkit.eval.vqa_normalize import annotator_average
 
 ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -56,9 +58,7 @@ def score_answer(prediction: str, references: Sequence[str]) -> tuple[float, flo
     pred = normalize_answer(prediction)
     refs = [normalize_answer(r) for r in references]
     exact = float(pred in refs)
-    if len(refs) < 2:
-        return exact, exact
-    return exact, min(sum(r == pred for r in refs) / 3.0, 1.0)
+    return exact, annotator_average(sum(r == pred for r in refs), len(refs))
 
 
 # --------------------------------------------------------------------------------------------------------- items

@@ -109,8 +109,13 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     pred = normalize_vqa_answer(prediction)
     refs = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
-    k = sum(r == pred for r in refs)
-    if len(refs) == 1:
+    return annotator_average(sum(r == pred for r in refs), len(refs))
+
+
+def annotator_average(k: int, n: int) -> float:
+    """VQA's accuracy when ``k`` of ``n`` human answers equal the prediction: ``min(1, matches among the other
+    n - 1 / 3)`` averaged over the humans; the exact match when there is one answer."""
+    if n == 1:
         return float(k)
     # A human who gave the prediction sees k - 1 matches among the others; one who did not sees k.
-    return (k * min(1.0, (k - 1) / 3) + (len(refs) - k) * min(1.0, k / 3)) / len(refs)
+    return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n
