@@ -36,10 +36,18 @@ def main() -> None:
         vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                                   num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_hidden // 64,
                                   image_size=args.image, patch_size=8)  # fmt: skip
-        text = LlamaConfig(hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden), num_hidden_layers=args.layers,
-                           num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
-                           vocab_size=size + 1, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                           pad_token_id=0)  # fmt: skip
+        text = LlamaConfig(
+            hidden_size=args.hidden,
+            intermediate_size=int(2.75 * args.hidden),
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 128,
+            vocab_size=size + 1,  # the image token's id comes after the tokenizer's
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=size,
                              image_seq_length=(args.image // 8) ** 2)  # fmt: skip
         model = LlavaForConditionalGeneration(config).eval()
