@@ -11,8 +11,8 @@ from vlkit.cli import main
 
 
 def _train(preset: str, out: Path, *overrides: str) -> Path:
-    code = main(["train", preset, f"trainer.output_dir={out}", "trainer.max_steps=3", "data.num_workers=0", "--quiet", "schedule.warmup_steps=1",
-                 *overrides])  # fmt: skip
+    args = ["train", preset, f"trainer.output_dir={out}", "trainer.max_steps=3", "data.num_workers=0"]
+    code = main([*args, "--quiet", "schedule.warmup_steps=1", *overrides])
     assert code == 0, f"training {preset} failed"
     return out
 
