@@ -15,6 +15,14 @@ from vlkit.utils.memory import build_on_meta, estimate_model, estimate_training,
 def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> dict:
     """Resolved config, parameter counts per tower and traced FLOPs per sample, as one JSON-ready dict."""
     cfg = load_config(name_or_path, overrides or [])
+    notes: list[str] = []
+    if cfg.model.arch == "neva":  # the architectures of the pretrained parts mm_cfg names (no weights read)
+        from dataclasses import replace
+
+        from vlkit.interop.neva import pretrained_architecture
+
+        model_cfg, notes = pretrained_architecture(cfg.model)
+        cfg = replace(cfg, model=model_cfg)
     # A size torch cannot describe even on the meta device is a TooLargeError naming its key, not a traceback.
     model = build_on_meta(lambda: create_model(cfg), cfg.model, prefix="model", where=cfg.name or str(name_or_path))
     params = {}
@@ -52,6 +60,11 @@ def describe(name_or_path: str | Path, overrides: list[str] | None = None) -> di
         "sequence_length": seq,
         "config": to_dict(cfg),
     }
+    if cfg.model.arch == "neva":
+        mm, llm = cfg.model.mm_cfg, cfg.model.llm
+        report["projector"] = f"{mm.mm_mlp_adapter_type} {cfg.model.vision.hidden_size} -> {llm.hidden_size}"
+    if notes:
+        report["notes"] = notes
     report["memory"] = _memory(model, cfg)
     if "llm" in seq:  # a decoder's sample is a full-context sequence; its cost per token is what MFU uses
         report["flops_per_token"] = {kind: f / seq["llm"] for kind, f in flops["llm"].items()}
@@ -89,6 +102,9 @@ def format_report(report: dict, show_config: bool = True) -> str:
         fwd = f"{f['forward'] / 1e9:.2f}" if f else ""
         train = f"{f['train'] / 1e9:.2f}" if f else ""
         lines.append(f"{tower:<10}{n:>16,}{n / 1e6:>9.2f} M{fwd:>15}{train:>12}{seq.get(tower, ''):>10}")
+    if "projector" in report:
+        lines.append(f"projector: {report['projector']}")
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     if "memory" in report:
         mem = report["memory"]
         for kind in ("weights", "training"):

@@ -84,7 +84,7 @@ def test_missing_and_unreadable_checkpoints_say_what_to_do(tmp_path):
     nemo = tmp_path / "llama-2-13b-chat-tp8.nemo"
     nemo.write_bytes(b"tar")
     cfg = load_config("neva-tiny", [f"model.mm_cfg.llm.from_pretrained={nemo}"]).model
-    with pytest.raises(ModelFormatError, match="NeMo .nemo archives are not read"):
+    with pytest.raises(ModelFormatError, match=r"llama-2-13b-chat-tp8\.nemo: not a NeMo checkpoint"):
         build_neva_model(cfg)
 
 

@@ -163,6 +163,25 @@ class MMConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """``model.peft.lora``: low-rank adapters on the projections of the transformer blocks (vlkit.nn.lora)."""
+
+    rank: int = 0  # 0: off
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    # Projections by vlkit's names: qkv (fused), proj, gate / up / down (SwiGLU), fc1 / fc2 (GELU MLP). A bare name
+    # applies to the LLM (NeVA) or to both towers (CLIP); "<tower>.<name>" to that tower (vision_tower.qkv, text.fc1).
+    target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "gate", "up", "down"])
+
+
+@dataclass
+class PeftConfig:
+    """``model.peft``: parameter-efficient fine-tuning. Base weights frozen; only the adapters train and are saved."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
 class ModelConfig:
     arch: str = "clip"  # clip | vit_classifier | llama | neva
     output_dim: int = 512
@@ -187,6 +206,7 @@ class ModelConfig:
     text: Optional[TextConfig] = None
     llm: Optional[LLMConfig] = None
     mm_cfg: Optional[MMConfig] = None  # NeVA's multimodal block (model.arch=neva; filled with defaults)
+    peft: Optional[PeftConfig] = None  # LoRA (model.peft.lora.rank > 0): NeVA's LLM, CLIP's towers
 
 
 @dataclass

@@ -139,6 +139,61 @@ def _check_llm(p: list[str], t: LLMConfig, tp: int) -> None:
             p.append(f"model.llm.{key}={i} is outside model.llm.vocab_size={t.vocab_size}")
 
 
+# model.peft.lora.target_modules: the projections of vlkit's blocks (= vlkit.nn.lora.LORA_TARGETS) by MLP kind, the
+# towers each architecture can adapt (the first ones: where a bare name applies), and other libraries' names for them.
+LORA_ATTENTION = ("qkv", "proj")
+LORA_MLP = {True: ("gate", "up", "down"), False: ("fc1", "fc2")}  # SwiGLU or not
+LORA_TOWERS = {"neva": (("llm",), ("vision_tower",)), "clip": (("visual", "text"), ())}
+LORA_ALIASES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "query_key_value": "qkv", "linear_qkv": "qkv",
+                "in_proj": "qkv", "o_proj": "proj", "o": "proj", "out_proj": "proj", "dense": "proj",
+                "linear_proj": "proj", "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate",
+                "w3": "up", "w2": "down", "c_fc": "fc1", "c_proj": "fc2", "dense_h_to_4h": "fc1",
+                "dense_4h_to_h": "fc2", "fc1": "gate", "fc2": "down", "gate": "fc1", "up": "fc1",
+                "down": "fc2"}  # fmt: skip
+
+
+def _lora_tower_names(m: ModelConfig, tower: str) -> tuple[str, ...]:
+    cfg = {"llm": m.llm, "vision_tower": m.vision, "visual": m.vision, "text": m.text}[tower]
+    return LORA_ATTENTION + LORA_MLP[cfg is not None and cfg.activation == "swiglu"]
+
+
+def _check_lora(p: list[str], m: ModelConfig) -> None:
+    """``model.peft.lora``: sizes, and every target a projection of its tower (with the nearest valid name)."""
+    import difflib
+
+    lora = m.peft.lora
+    key = "model.peft.lora"
+    if not isinstance(lora.rank, int) or lora.rank < 0:
+        p.append(f"{key}.rank={lora.rank!r} must be an integer >= 0 (0: off)")
+        return
+    if lora.rank == 0:
+        return
+    if m.arch not in LORA_TOWERS:
+        p.append(f"{key}: LoRA adapts model.arch=neva (its LLM and vision tower) or clip, not {m.arch!r}")
+        return
+    _positive(p, f"{key}.alpha", lora.alpha)
+    _rate(p, f"{key}.dropout", lora.dropout)
+    if not lora.target_modules:
+        p.append(f"{key}.target_modules is empty: name the projections to adapt ({', '.join(LORA_ATTENTION)}, ...)")
+    default, others = LORA_TOWERS[m.arch]
+    for target in lora.target_modules:
+        tower, _, name = str(target).rpartition(".")
+        if tower and tower not in default + others:
+            close = difflib.get_close_matches(tower, default + others, n=1, cutoff=0.0)
+            p.append(f"{key}.target_modules: {target!r}: no tower {tower!r} in model.arch={m.arch}; did you mean "
+                     f"'{close[0]}.{name}'? (towers: {', '.join(default + others)})")  # fmt: skip
+            continue
+        valid = sorted({n for t in ((tower,) if tower else default) for n in _lora_tower_names(m, t)})
+        if name in valid and all(name in _lora_tower_names(m, t) for t in ((tower,) if tower else default)):
+            continue
+        close = [LORA_ALIASES[name]] if LORA_ALIASES.get(name) in valid else []
+        close = close or difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
+        where = tower or "/".join(default)
+        nearest = f"{tower}.{close[0]}" if tower else close[0]
+        p.append(f"{key}.target_modules: {target!r} is not a projection of {where}; did you mean {nearest!r}? "
+                 f"(valid: {', '.join(valid)})")  # fmt: skip
+
+
 def _check_neva(p: list[str], m: ModelConfig) -> None:
     """``model.mm_cfg`` against the towers it wires together. Declarations that describe the vision tower (patch_dim,
     hidden_size, crop_size, the layer read) are checked against ``model.vision`` only when the tower is built from it;
@@ -211,6 +266,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.mm_cfg is NeVA's block; model.arch={m.arch!r} does not use it (set model.arch=neva)")
     if m.arch == "neva":
         _check_neva(p, m)
+    if m.peft is not None:
+        _check_lora(p, m)
 
     _choice(p, "trainer.precision", tr.precision, PRECISIONS)
     if tr.amp_O2 and tr.precision == "fp32":

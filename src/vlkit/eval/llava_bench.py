@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,11 +34,13 @@ from vlkit.eval.llava_bench_data import (
     MMBENCH_CIRCULAR,
     BenchItem,
     decode_base64_image,
+    mmbench_letter,
     read_gqa,
     read_mmbench,
     read_pope,
     read_scienceqa,
     read_vqav2,
+    sqa_letter,
 )
 from vlkit.eval.results import EvalResult, EvalUsageError
 from vlkit.eval.vqa_normalize import evalai_answer, vqa_accuracy
@@ -80,39 +81,6 @@ def read_benchmark(
 
 
 # ------------------------------------------------------------------------------------------------- answer rules
-
-_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
-
-
-def sqa_letter(text: str, num_choices: int) -> str | None:
-    """The chosen letter as LLaVA's ``eval_science_qa.py`` reads it: the answer is a letter, or starts with
-    ``"X. "``, or holds exactly one ``"The answer is X."``; None (failed) otherwise or for a letter past the
-    choices."""
-    options = LETTERS[:5]  # eval_science_qa.py's A-E
-    if text in options:
-        letter = text
-    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
-        letter = text[0]
-    else:
-        found = _THE_ANSWER_IS.findall(text)
-        letter = found[0] if len(found) == 1 else None
-    return letter if letter is not None and LETTERS.index(letter) < num_choices else None
-
-
-_LEADING_LETTER = re.compile(r"^\(?([A-J])(?:[.):]|$)")
-
-
-def mmbench_letter(text: str, num_options: int) -> str | None:
-    """The chosen letter of an MMBench answer: a leading option letter (``"B"``, ``"B."``, ``"(B)"``, ``"B) ..."``;
-    not ``"A cat"``), else exactly one ``"The answer is X"``; None otherwise. (MMBench's own evaluator asks an LLM
-    when its matching fails; vlkit does not.)"""
-    text = text.strip()
-    m = _LEADING_LETTER.match(text)
-    letter = m.group(1) if m else None
-    if letter is None:
-        found = _THE_ANSWER_IS.findall(text + ".")
-        letter = found[0] if len(found) == 1 else None
-    return letter if letter is not None and LETTERS.index(letter) < num_options else None
 
 
 def pope_yes_no(text: str) -> str:

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,40 @@ LETTER_ANSWER = "Answer with the option's letter from the given choices directly
 LETTERS = "ABCDEFGHIJ"
 MMBENCH_CIRCULAR = 1_000_000  # MMBench's circular copies of question i have index i + k * 1e6
 POPE_SPLITS = ("adversarial", "popular", "random")
+
+
+_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+
+
+def sqa_letter(text: str, num_choices: int) -> str | None:
+    """The chosen letter as LLaVA's ``eval_science_qa.py`` reads it: the answer is a letter, or starts with
+    ``"X. "``, or holds exactly one ``"The answer is X."``; None (failed) otherwise or for a letter past the
+    choices."""
+    options = LETTERS[:5]  # eval_science_qa.py's A-E
+    if text in options:
+        letter = text
+    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _THE_ANSWER_IS.findall(text)
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter is not None and LETTERS.index(letter) < num_choices else None
+
+
+_LEADING_LETTER = re.compile(r"^\(?([A-J])(?:[.):]|$)")
+
+
+def mmbench_letter(text: str, num_options: int) -> str | None:
+    """The chosen letter of an MMBench answer: a leading option letter (``"B"``, ``"B."``, ``"(B)"``, ``"B) ..."``;
+    not ``"A cat"``), else exactly one ``"The answer is X"``; None otherwise. (MMBench's own evaluator asks an LLM
+    when its matching fails; vlkit does not.)"""
+    text = text.strip()
+    m = _LEADING_LETTER.match(text)
+    letter = m.group(1) if m else None
+    if letter is None:
+        found = _THE_ANSWER_IS.findall(text + ".")
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter is not None and LETTERS.index(letter) < num_options else None
 
 
 @dataclass
@@ -175,8 +210,6 @@ def read_scienceqa(path: str | os.PathLike, split: str = "test") -> list[BenchIt
     ``pid_splits.json`` (``path`` is their folder or ``problems.json``; images ``<pid>/image.png`` under
     ``images/<split>``), or LLaVA's ``llava_test_CQM-A.json`` (conversations; the reference letter from the gpt
     turn)."""
-    from vlkit.eval.llava_bench import sqa_letter
-
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     problems_file = path / "problems.json" if path.is_dir() else path

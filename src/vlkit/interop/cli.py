@@ -14,7 +14,7 @@ from pathlib import Path
 from vlkit.utils.errors import UserError
 
 EXIT_OK, EXIT_USAGE = 0, 2
-SOURCES = ("hf", "open_clip", "llava")
+SOURCES = ("hf", "open_clip", "llava", "nemo")
 TARGETS = ("vlkit", "hf", "open_clip")
 # The keys that fix a model's parameter shapes: a converted model with a preset's shapes is that preset's network,
 # up to the settings below (which change the function, not the shapes), reported as differences.
@@ -31,7 +31,8 @@ _EPILOG = """examples:
   vlkit convert --to hf models/clip-b32 --out exported/clip-b32-hf
   vlkit convert --to open_clip models/clip-b32 --out exported/clip-b32-open_clip
   vlkit convert --from hf clip-vit-base-patch32/ --to open_clip --out exported/b32-open_clip
-  vlkit convert --from llava llava-1.5-7b-hf/ --out models/neva-llava-1.5-7b"""
+  vlkit convert --from llava llava-1.5-7b-hf/ --out models/neva-llava-1.5-7b
+  vlkit convert --from nemo llama-2-13b-chat-tp8.nemo --out models/llama-2-13b-chat"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="--from open_clip with a checkpoint file: the open_clip model name")
     p.add_argument("--config", metavar="JSON", help="--from open_clip with a checkpoint file: its model config")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="SRC is a LoRA run's checkpoint or model directory: write the plain model, adapters merged",
+    )
     p.set_defaults(func=run)
 
 
@@ -83,6 +89,10 @@ def _load(args: argparse.Namespace, src: Path):
         from vlkit.interop.hf_llava import load_hf_llava
 
         return load_hf_llava(src), "llava"
+    if args.source == "nemo":
+        from vlkit.interop.nemo import load_nemo
+
+        return load_nemo(src), "nemo"
     if args.source == "open_clip":
         from vlkit.interop.open_clip import load_open_clip
 
@@ -99,11 +109,12 @@ def _source_by_content(src: Path) -> str | None:
     try:
         kind = _detect(src)
     except ModelFormatError as e:
-        raise UsageError(f"{e}; say what it is with --from hf|open_clip|llava") from None
+        raise UsageError(f"{e}; say what it is with --from hf|open_clip|llava|nemo") from None
     if kind == "vlkit":
         raise UsageError(f"{src} is already a vlkit model directory; pass --to hf|open_clip to export it")
     print(f"{src}: recognised as {kind} by its content (--from to say otherwise)")
-    return kind if kind in ("hf", "llava") else None  # the others load by content (open_clip, checkpoints, towers)
+    # the others load by content (open_clip, checkpoints, towers)
+    return kind if kind in ("hf", "llava", "nemo") else None
 
 
 def _detect(src: Path) -> str:
@@ -169,6 +180,16 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--model-name and --config describe an open_clip checkpoint: use them with --from open_clip")
     src, out = Path(args.src), Path(args.out)
     _check_paths(src, out, args.force)
+    if getattr(args, "merge_lora", False):
+        from vlkit.interop.lora import load_merged
+        from vlkit.interop.native import ModelFormatError
+
+        try:
+            _save(load_merged(src), out, args.target or "vlkit")
+        except ModelFormatError as e:
+            raise UsageError(str(e)) from None
+        print(f"{src} (LoRA adapters merged) -> {out} ({args.target or 'vlkit'})")
+        return EXIT_OK
     if args.source is None and args.target is None:
         args.source = _source_by_content(src)
     target = args.target or "vlkit"

@@ -75,8 +75,9 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     or sharded; a run directory or a checkpoints folder gives its latest complete one, see
     :func:`resolve_model_source`), ``hf`` (a transformers CLIPModel config.json), ``hf_vision`` (a CLIPVisionModel
     config.json: a vision tower only), ``hf_llama`` (a LlamaForCausalLM config.json), ``llava`` (a
-    LlavaForConditionalGeneration config.json) or ``open_clip`` (open_clip_config.json, or a weights file whose
-    keys are open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to load; a path to a
+    LlavaForConditionalGeneration config.json), ``nemo`` (a NeMo ``.nemo`` tar or its extracted directory: a
+    GPT / LLaMA language model) or ``open_clip`` (open_clip_config.json, or a weights file whose keys are
+    open_clip's). ``where`` is the directory (or, for a bare checkpoint, the file) to load; a path to a
     directory's config.json means the directory.
 
     Raises:
@@ -94,6 +95,12 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         return detect_format(path.parent)
     if is_checkpoint(path):
         return "checkpoint", path
+    from vlkit.interop.nemo import is_nemo
+
+    if is_nemo(path):
+        return "nemo", path
+    if path.is_file() and path.suffix == ".nemo":
+        raise ModelFormatError(f"{path}: not a NeMo checkpoint (a tar holding model_config.yaml and the weights)")
     resolved = resolve_model_source(path)
     if resolved != path:
         return detect_format(resolved)

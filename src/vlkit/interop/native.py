@@ -198,7 +198,8 @@ def load_model(
     """Build the model a directory or checkpoint describes and load its weights; the format is recognised by content.
 
     Takes a vlkit directory, a Hugging Face ``CLIPModel``, ``LlamaForCausalLM`` or ``LlavaForConditionalGeneration``
-    directory (the last gives a NeVA model), or an open_clip directory / checkpoint file (see :func:`detect_format`);
+    directory (the last gives a NeVA model), a NeMo GPT / LLaMA ``.nemo`` (file or extracted directory), or an
+    open_clip directory / checkpoint file (see :func:`detect_format`);
     and what training leaves: a checkpoint directory (single or sharded, consolidated in this process without a
     process group), or a run directory / its ``checkpoints/`` folder for its latest complete checkpoint.
     Overrides change the model config before loading, e.g. ``vision__img_h=512, vision__img_w=512`` to fine-tune at a
@@ -222,6 +223,10 @@ def load_model(
 
         model = (load_hf_llava if kind == "llava" else load_hf_llama)(where, device=device)
         return with_overrides(model, device, **overrides)
+    if kind == "nemo":
+        from vlkit.interop.nemo import load_nemo
+
+        return with_overrides(load_nemo(where, device=device), device, **overrides)
     if kind == "hf_vision":
         raise ModelFormatError(
             f"{where}: a Hugging Face CLIP vision tower only (no text tower); load it with vlkit.load_vision_encoder"

@@ -1,9 +1,11 @@
 """A NeVA model from pretrained parts: what ``model.mm_cfg`` names (the I/O the model itself never does).
 
 * ``mm_cfg.vision_encoder.from_pretrained``: a Hugging Face CLIP, open_clip or vlkit directory (recognised by
-  content), or a Hub id found in the local Hugging Face cache. Its architecture and preprocessing replace
-  ``model.vision``; ``crop_size`` resizes it, ``patch_dim`` / ``hidden_size`` (when set) must match it.
-* ``mm_cfg.llm.from_pretrained``: a Hugging Face ``LlamaForCausalLM`` directory, or a vlkit llama / NeVA directory.
+  content), or a Hub id found in ``$VLKIT_MODELS`` or the local Hugging Face cache (see :mod:`vlkit.interop.hub`).
+  Its architecture and preprocessing replace ``model.vision``; ``crop_size`` resizes it, ``patch_dim`` /
+  ``hidden_size`` (when set) must match it.
+* ``mm_cfg.llm.from_pretrained``: a Hugging Face ``LlamaForCausalLM`` directory, a NeMo GPT / LLaMA ``.nemo`` (any
+  tensor-parallel layout, see :mod:`vlkit.interop.nemo`), or a vlkit llama / NeVA directory.
   Its architecture replaces ``model.llm``'s; the run-time settings (context length, dropout, activation
   checkpointing, flash attention) stay the config's.
 * ``mm_cfg.pretrain_mm_mlp_adapter``: stage-1 projector weights (see :func:`load_adapter`).
@@ -43,27 +45,16 @@ LLAVA_ADAPTER_FILE = "mm_projector.bin"
 
 
 def resolve_pretrained(value: str, key: str, from_hf: bool = False) -> Path:
-    """A local path for a ``from_pretrained`` value: the path itself, or (``from_hf``, or a value shaped like a Hub
-    id) its snapshot in the local Hugging Face cache. vlkit never downloads.
+    """A local path for a ``from_pretrained`` value: the path itself, or (``from_hf``, a known Hub name, or a value
+    shaped like a Hub id) ``$VLKIT_MODELS/org/name`` or its snapshot in the local Hugging Face cache (see
+    :func:`vlkit.interop.hub.locate`). vlkit never downloads.
 
     Raises:
-        FileNotFoundError: neither exists; the message says how to fetch it.
+        NotDownloadedError (a FileNotFoundError): none exists; the message says where it looked and how to fetch it.
     """
-    path = Path(value).expanduser()
-    if path.exists():
-        return path
-    hub_like = value.count("/") == 1 and not value.startswith((".", "/", "~"))
-    if from_hf or hub_like:
-        try:
-            from huggingface_hub import snapshot_download
+    from vlkit.interop.hub import locate
 
-            return Path(snapshot_download(value, local_files_only=True))
-        except Exception:  # not installed, not cached, or not a valid id: the message below covers each
-            pass
-    raise FileNotFoundError(
-        f"{key}={value!r}: no such file or directory (nor a cached Hugging Face snapshot); vlkit reads local copies "
-        f"only: fetch it first (e.g. `huggingface-cli download {value} --local-dir DIR`) and set {key}=DIR"
-    )
+    return locate(value, key, from_hf)
 
 
 def _differences(key: str, old: TransformerConfig, new: TransformerConfig, skip: tuple[str, ...] = ()) -> list[str]:
@@ -103,11 +94,6 @@ def _load_llm(cfg: ModelConfig, load_model: LoadModel, device: torch.device | st
 
     key = "model.mm_cfg.llm.from_pretrained"
     path = resolve_pretrained(cfg.mm_cfg.llm.from_pretrained, key)
-    if path.is_file() and path.suffix == ".nemo":
-        raise ModelFormatError(
-            f"{key}={path}: NeMo .nemo archives are not read; convert the language model to a Hugging Face "
-            "LlamaForCausalLM directory (NeMo's convert script) and point the key there"
-        )
     config_file = path / "config.json"
     if config_file.is_file() and is_hf_llama_config(read_json(config_file)):
         decoder = load_hf_llama(path, device=device).llm
@@ -317,3 +303,107 @@ def neva_from_weights(
         raise ModelFormatError(f"{where or 'weights'}: do not fit the NeVA config: " + "; ".join(problems))
     model.load_state_dict(state, strict=False)
     return model
+
+
+# -- the architecture of the named parts, without their weights --------------------------------------------------------
+def _config_dict(path: Path) -> tuple[str, dict] | None:
+    """(format, config.json) of a local model directory, or None where the format holds no readable config."""
+    from vlkit.interop.detect import detect_format
+
+    kind, where = detect_format(path)
+    if kind == "nemo" or not where.is_dir() or not (where / "config.json").is_file():
+        return (kind, {}) if kind == "nemo" else None
+    return kind, read_json(where / "config.json")
+
+
+def _vision_architecture(enc, key: str) -> tuple[dict | None, str]:
+    from vlkit.interop.hub import hub_model_config, known_name
+
+    name = known_name(enc.from_pretrained)
+    if name is not None:
+        model = hub_model_config(name)
+        return (model.get("vision"), f"{key}={name}: architecture from vlkit's table of Hub configs")
+    path = resolve_pretrained(enc.from_pretrained, key, enc.from_hf)
+    found = _config_dict(path)
+    if found is None:
+        return None, f"{key}={path}: architecture read when the weights are loaded"
+    kind, config = found
+    if kind in ("hf", "hf_vision"):
+        from vlkit.interop.hf import PREPROCESSOR_FILE, hf_vision_section
+
+        pre_file = path / PREPROCESSOR_FILE
+        pre = read_json(pre_file) if pre_file.is_file() else None
+        return hf_vision_section(config, pre, path / "config.json"), f"{key}={path}: architecture from its config"
+    if kind in ("vlkit", "checkpoint") and isinstance(config.get("model", {}).get("vision"), dict):
+        return config["model"]["vision"], f"{key}={path}: architecture from its config"
+    return None, f"{key}={path}: architecture read when the weights are loaded"
+
+
+def _llm_architecture(cfg: ModelConfig, key: str) -> tuple[LLMConfig | None, str]:
+    from vlkit.interop.hub import hub_model_config, known_name
+
+    value = cfg.mm_cfg.llm.from_pretrained
+    name = known_name(value)
+    if name is not None:
+        llm = hub_model_config(name)["llm"]
+        return LLMConfig(**llm), f"{key}={name}: architecture from vlkit's table of Hub configs"
+    path = resolve_pretrained(value, key)
+    found = _config_dict(path)
+    if found is None:
+        return None, f"{key}={path}: architecture read when the weights are loaded"
+    kind, config = found
+    if kind == "nemo":
+        from vlkit.interop.nemo import llm_config_from_nemo, read_nemo_config
+
+        raw = read_nemo_config(path)
+        vocab = raw.get("padded_vocab_size") or raw.get("vocab_size") or cfg.llm.vocab_size
+        return llm_config_from_nemo(raw, vocab, f"{path}"), f"{key}={path}: architecture from its model_config.yaml"
+    if kind == "hf_llama":
+        from vlkit.interop.hf_llama import llm_config_from_hf
+
+        return llm_config_from_hf(config, str(path)), f"{key}={path}: architecture from its config"
+    if kind in ("vlkit", "checkpoint") and isinstance(config.get("model", {}).get("llm"), dict):
+        return resolve_model_config(config["model"]).llm, f"{key}={path}: architecture from its config"
+    return None, f"{key}={path}: architecture read when the weights are loaded"
+
+
+def pretrained_architecture(cfg: ModelConfig, missing_ok: bool = True) -> tuple[ModelConfig, list[str]]:
+    """``cfg`` with ``model.vision`` / ``model.llm`` replaced by the architectures its ``mm_cfg`` names (a known Hub
+    name from vlkit's table, a local directory from its config, a ``.nemo`` from its ``model_config.yaml``) -- what
+    :func:`build_neva_model` would build, without reading a weight. The run-time settings stay the config's.
+
+    ``missing_ok``: a named part with no local copy keeps the config's architecture (a note says so) instead of
+    raising :class:`vlkit.interop.hub.NotDownloadedError`.
+    """
+    from vlkit.interop.hub import NotDownloadedError
+
+    cfg = resolve_model_config(cfg)
+    mm = cfg.mm_cfg
+    if cfg.arch != "neva" or mm is None:
+        return cfg, []
+    notes: list[str] = []
+    enc = mm.vision_encoder
+    if enc.from_pretrained:
+        try:
+            vision, note = _vision_architecture(enc, "model.mm_cfg.vision_encoder.from_pretrained")
+        except NotDownloadedError as e:
+            if not missing_ok:
+                raise
+            vision, note = None, f"{e} (the config's model.vision is shown)"
+        notes.append(note)
+        if vision is not None:
+            vision = {**vision, "output_dim": None}
+            if enc.crop_size is not None:
+                vision.update(img_h=int(enc.crop_size[0]), img_w=int(enc.crop_size[1]))
+            cfg = replace(cfg, vision=VisionConfig(**vision))
+    if mm.llm.from_pretrained:
+        try:
+            llm, note = _llm_architecture(cfg, "model.mm_cfg.llm.from_pretrained")
+        except NotDownloadedError as e:
+            if not missing_ok:
+                raise
+            llm, note = None, f"{e} (the config's model.llm is shown)"
+        notes.append(note)
+        if llm is not None:
+            cfg = replace(cfg, llm=replace(llm, **{name: getattr(cfg.llm, name) for name in RUN_SETTINGS}))
+    return resolve_model_config(cfg), notes

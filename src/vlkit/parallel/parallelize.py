@@ -54,8 +54,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     Embeddings, norms and heads stay replicated. Attention reads its local head count from the sharded QKV output
     (see vlkit.nn.attention), so no module attribute changes.
     """
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
+    colwise, rowwise = _tp_styles()
     tp = tp_mesh.size()
     for name, cfg, stack in towers(model):
         kv = getattr(cfg, "num_query_groups", None) or cfg.num_attention_heads
@@ -63,12 +64,39 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             raise ValueError(f"tensor parallel size {tp} does not divide the heads/FFN of tower {name!r}")
         for block in stack.blocks:
             assert isinstance(block, TransformerBlock)
-            plan = {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel()}
+            plan = {"attn.qkv": colwise(), "attn.proj": rowwise()}
             if isinstance(block.mlp, SwiGLU):
-                plan.update({"mlp.gate": ColwiseParallel(), "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()})
+                plan.update({"mlp.gate": colwise(), "mlp.up": colwise(), "mlp.down": rowwise()})
             else:
-                plan.update({"mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
+                plan.update({"mlp.fc1": colwise(), "mlp.fc2": rowwise()})
             parallelize_module(block, tp_mesh, plan)
+
+
+def _tp_styles():
+    """Column- and row-wise parallel styles that also shard LoRA adapters (vlkit.nn.lora: ``lora_A`` [r, in],
+    ``lora_B`` [out, r] beside the base Linear, same module names). Column-wise: B is split on the output like the
+    weight, A replicated, so ``x A^T B^T`` comes out split like ``x W^T``. Row-wise: A is split on the input like the
+    weight, B replicated, so ``x A^T`` is a partial sum reduced with the base output's. DTensor does the rest."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    def distribute(module: nn.Module, mesh: DeviceMesh, placements: dict[str, list], src_data_rank) -> None:
+        for name, param in list(module.named_parameters(recurse=False)):
+            dist_param = distribute_tensor(param, mesh, placements[name], src_data_rank=src_data_rank)
+            module.register_parameter(name, nn.Parameter(dist_param, requires_grad=param.requires_grad))
+
+    class Colwise(ColwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            shard = [Shard(0)]
+            placements = {"weight": shard, "bias": shard, "lora_A": [Replicate()], "lora_B": shard}
+            distribute(module, device_mesh, placements, self.src_data_rank)
+
+    class Rowwise(RowwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            placements = {"weight": [Shard(1)], "bias": [Replicate()], "lora_A": [Shard(1)], "lora_B": [Replicate()]}
+            distribute(module, device_mesh, placements, self.src_data_rank)
+
+    return Colwise, Rowwise
 
 
 def apply_compile(model: nn.Module) -> None:

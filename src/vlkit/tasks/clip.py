@@ -60,6 +60,14 @@ class CLIPTask(Task):
             head = [x for x in (t.norm, t.proj) if x is not None]
             frozen += _lock(t, t.transformer.blocks, m.lock_text_unlocked_layers, head)
         self.frozen = frozen
+        lora = m.peft.lora if m.peft is not None else None
+        if lora is not None and lora.rank:  # after the locks: an adapted tower's base is frozen, its adapters train
+            from vlkit.nn.lora import apply_lora, mark_only_lora_trainable
+
+            wrapped = apply_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout,
+                                 default_towers=("visual", "text"))  # fmt: skip
+            for tower in sorted({name.split(".", 1)[0] for name in wrapped}):
+                mark_only_lora_trainable(getattr(model, tower))
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()

@@ -81,6 +81,7 @@ class NevaTask(Task):
         self._resolve_data()
         model, notes = build_neva_model(self.cfg.model)
         notes += base_from_stage1(model, self.cfg.model)
+        notes += apply_neva_lora(model, self.cfg.model)  # after every base weight is in, before parallelize
         mc = model.config
         # What the checkpoints' config.json says: where the tokenizer is, and that the projector (which always
         # trains) is part of the weights now -- a loader must not go back to the stage-1 file for it.
@@ -105,17 +106,22 @@ class NevaTask(Task):
             raise TypeError(f"the neva task trains a NevaModel, got {type(model).__name__}")
 
     def checkpoint_keys(self, model: nn.Module) -> set[str] | None:
-        """Everything except the frozen parts the config reloads from ``from_pretrained`` (stage 1: the projector)."""
+        """Everything except the frozen parts the config reloads from ``from_pretrained`` (stage 1: the projector).
+        With LoRA a part's base weights are frozen too: its adapters are saved, its base only when nothing else
+        can rebuild it (no ``from_pretrained``)."""
+        from vlkit.nn.lora import is_adapter_key
+
         mm = self.model_config.mm_cfg
+        adapted = lora_towers(model)
         reloaded = tuple(
             f"{part}."
             for part, spec in (("vision_tower", mm.vision_encoder), ("llm", mm.llm))
-            if spec.freeze and spec.from_pretrained
+            if (spec.freeze or part in adapted) and spec.from_pretrained
         )
         if not reloaded:
             return None
         names = (k.replace("_orig_mod.", "") for k in model.state_dict())
-        return {k for k in names if not k.startswith(reloaded)}
+        return {k for k in names if is_adapter_key(k) or not k.startswith(reloaded)}
 
     def build_train_loader(self, micro_batch_size: int):
         from vlkit.data.llava import LlavaCollator, LlavaLoader
@@ -324,6 +330,38 @@ def resolve_tokenizer(cfg: Any, data: Any) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{key}: the tokenizer {path} does not exist")
     return path.resolve()
+
+
+def lora_towers(model: nn.Module) -> set[str]:
+    """The parts of a NeVA (``llm``, ``vision_tower``) that hold LoRA adapters."""
+    from vlkit.nn.lora import lora_layers
+
+    return {name.replace("_orig_mod.", "").split(".", 1)[0] for name in lora_layers(model)}
+
+
+def apply_neva_lora(model: NevaModel, model_cfg: Any) -> list[str]:
+    """``model.peft.lora`` (rank > 0): adapters on the named projections (bare names: the LLM's), every base weight
+    of an adapted part frozen and the part kept in train mode (the adapters' dropout); the projector (and the
+    start/end embeddings) train as always, the vision tower unless ``mm_cfg`` freezes it. Returns notes."""
+    from vlkit.nn.lora import apply_lora, mark_only_lora_trainable
+
+    peft = getattr(model_cfg, "peft", None)
+    lora = peft.lora if peft is not None else None
+    if lora is None or not lora.rank:
+        return []
+    try:
+        wrapped = apply_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout, default_towers=("llm",))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    parts = sorted({name.split(".", 1)[0] for name in wrapped})
+    for part in parts:
+        mark_only_lora_trainable(getattr(model, part))
+    model.frozen = tuple(name for name in model.frozen if name not in parts)
+    model.train(model.training)
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return [f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {len(wrapped)} layers of {', '.join(parts)}: "
+            f"{adapters:,} of {total:,} parameters train ({100 * adapters / total:.1f} %)"]  # fmt: skip
 
 
 def base_from_stage1(model: NevaModel, model_cfg: Any) -> list[str]:

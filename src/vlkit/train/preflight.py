@@ -150,6 +150,12 @@ def check_training_memory(cfg: Any) -> None:
     from vlkit.models import create_model
     from vlkit.utils.memory import TooLargeError, build_on_meta, estimate_training, machine_memory, too_large
 
+    if cfg.model.arch == "neva":  # the parts mm_cfg names bring their own architectures (no weights read here)
+        from dataclasses import replace
+
+        from vlkit.interop.neva import pretrained_architecture
+
+        cfg = replace(cfg, model=pretrained_architecture(cfg.model)[0])
     model = build_on_meta(lambda: create_model(cfg), cfg.model, prefix="model")
     _freeze_as_the_task_will(model, cfg)
     precision = str(cfg.trainer.precision).lower()

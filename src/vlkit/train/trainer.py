@@ -162,9 +162,11 @@ class Trainer:
         ``model.init_from``. Rank 0 writes and returns the path; other ranks return None."""
         if not self.cfg.trainer.save_model:
             return None
-        from vlkit.interop.native import RUN_MODEL_DIR, save_full_model
+        from vlkit.interop.lora import save_merged_model
+        from vlkit.interop.native import RUN_MODEL_DIR
 
-        path = save_full_model(self._inner_model(), self.out_dir / RUN_MODEL_DIR, extra={"step": self.step})
+        # LoRA adapters are merged into the base weights: the directory holds a plain model.
+        path = save_merged_model(self._inner_model(), self.out_dir / RUN_MODEL_DIR, extra={"step": self.step})
         if path is not None:
             self.task.model_dir_files(path)
         return path  # fit()'s summary says where it is
@@ -174,10 +176,10 @@ class Trainer:
         rank 0 returns the path). Nothing without ``trainer.ema_decay``."""
         if self.ema is None:
             return None
-        from vlkit.interop.native import save_full_model
+        from vlkit.interop.lora import save_merged_model
 
         with self.ema.swapped_into(self.model):
-            path = save_full_model(self._inner_model(), self.out_dir / EMA_MODEL_DIR, extra={"step": self.step})
+            path = save_merged_model(self._inner_model(), self.out_dir / EMA_MODEL_DIR, extra={"step": self.step})
         if path is not None:
             self.task.model_dir_files(path)
         return path
