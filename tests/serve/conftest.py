@@ -34,6 +34,17 @@ def clip_run(shapes_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_clip_run(shapes_dir, tmp_path_factory) -> Path:
+    """clip-tiny-shapes with a deep, narrow image tower (12 x 64 instead of 4 x 128; one step): a forward pass of one
+    image costs about what the whole HTTP request around it does, as for most models served on a CPU, rather than a
+    fraction of it -- what the batching load test measures (see docs/benchmarks.md#serving for both models)."""
+    out = tmp_path_factory.mktemp("serve-runs") / "clip-deep-shapes"
+    return _train("clip-tiny-shapes", out, f"data.train_path={shapes_dir}", "trainer.micro_batch_size=8",
+                  "model.vision.num_layers=12", "model.vision.hidden_size=64", "model.vision.ffn_hidden_size=128",
+                  "trainer.max_steps=1", "schedule.warmup_steps=0")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def vqa_dir(tmp_path_factory) -> Path:
     from vlkit.data.shapes_vqa import write_shapes_vqa
 

@@ -13,20 +13,26 @@ counted, so the comparison favours it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
 import json
+import os
+import socket
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from vlkit.utils.argtypes import positive_int
 from vlkit.utils.errors import UserError
 
 WORKLOADS = ("embed-image", "embed-text", "chat")
+Send = Callable[["Connection", int], Awaitable[int]]  # (a connection, request number) -> units produced
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,42 +97,163 @@ class LoadResult:
         }
 
 
-def run_load(send: Callable[[int], int], requests: int, clients: int) -> LoadResult:
-    """Send requests ``0 .. requests-1`` from ``clients`` threads, each taking the next number as it finishes one.
+class Reply:
+    """An HTTP answer: ``status_code``, ``content``, ``text``, ``json()``."""
 
-    ``send(i)`` performs request i and returns the units it produced (0 when the workload counts none); an exception
-    is a failure, recorded with the request number, never a lost request: every number is sent exactly once.
+    def __init__(self, status_code: int, content: bytes):
+        self.status_code, self.content = status_code, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection to the server under load, speaking only what the bench needs: a POST with a
+    JSON body and its answer (Content-Length or chunked). A load generator must cost far less than what it measures:
+    httpx's AsyncClient spends ~2.7 ms of CPU per small request on 2 cores, as much as the server's whole work for a
+    batched embedding, which would cap the batched server's measured throughput at the client's; this costs ~0.2 ms."""
+
+    def __init__(self, url: str):
+        parsed = urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def post(self, path: str, body: dict) -> Reply:
+        if self._streams is None:
+            self._streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams
+        data = json.dumps(body).encode()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = dict(line.lower().split(": ", 1) for line in head[1:] if ": " in line)
+        if headers.get("transfer-encoding") == "chunked":
+            content = b""
+            while size := int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+                content += (await reader.readexactly(size + 2))[:-2]
+            await reader.readuntil(b"\r\n")  # the empty trailer
+        else:
+            content = await reader.readexactly(int(headers.get("content-length", 0)))
+        if headers.get("connection") == "close":
+            await self.aclose()
+        return Reply(status, content)
+
+    async def aclose(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+            self._streams = None
+
+
+async def run_load(url: str, send: Send, requests: int, clients: int) -> LoadResult:
+    """Send requests ``0 .. requests-1`` to ``url`` from ``clients`` concurrent connections, each taking the next
+    number as it finishes one (asyncio: a client costs no thread, so the load generator stays light next to the
+    server it measures).
+
+    ``send(connection, i)`` performs request i and returns the units it produced (0 when the workload counts none);
+    an exception is a failure, recorded with the request number, never a lost request: every number is sent exactly
+    once.
     """
     counter = iter(range(requests))
-    lock = threading.Lock()
     latencies: list[float] = []
     failures: list[str] = []
-    units = [0]
+    units = 0
 
-    def client() -> None:
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
+    async def client(connection: Connection) -> None:
+        nonlocal units
+        for i in counter:
             start = time.perf_counter()
             try:
-                produced = send(i)
+                produced = await send(connection, i)
             except Exception as e:  # a failed request is a result, reported; the others go on
-                with lock:
-                    failures.append(f"request {i}: {type(e).__name__}: {e}")
+                failures.append(f"request {i}: {type(e).__name__}: {e}")
+                await connection.aclose()  # a half-read answer must not be taken for the next one's
                 continue
-            with lock:
-                latencies.append(time.perf_counter() - start)
-                units[0] += produced
+            latencies.append(time.perf_counter() - start)
+            units += produced
 
-    threads = [threading.Thread(target=client, name=f"client-{c}") for c in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return LoadResult(clients, time.perf_counter() - start, latencies, failures, units[0])
+    connections = [Connection(url) for _ in range(clients)]
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in connections))
+        seconds = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.aclose() for c in connections))
+    return LoadResult(clients, seconds, latencies, failures, units)
+
+
+# ------------------------------------------------------------------------------------------------------ server
+class ServerProcess:
+    """``vlkit serve`` in a child process on a free 127.0.0.1 port, as a user runs it: the load generator does not
+    share its interpreter (nor its GIL). ``start()`` returns at once (two servers can load their models together);
+    ``wait_ready()`` blocks until ``/health`` answers. A context manager does both, and stops it on exit."""
+
+    def __init__(self, model: str | os.PathLike, *, max_batch: int, max_wait_ms: float, device: str = "auto",
+                 env: dict[str, str] | None = None):  # fmt: skip
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "vlkit", "serve", "--model", os.fspath(model), "--device", device,
+                        "--port", str(self.port), "--max-batch", str(max_batch),
+                        "--max-wait-ms", str(max_wait_ms)]  # fmt: skip
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        # Its log goes to a file, not a pipe: nobody reads a pipe while the load runs, and a full one blocks the server.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=self._log, env=self.env)
+        return self
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        import httpx
+
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._log.seek(0)
+                tail = self._log.read().decode(errors="replace").strip().splitlines()[-1:]
+                raise UserError(f"vlkit serve exited with code {self.process.returncode}: {' '.join(tail)}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.close()
+        raise UserError(f"vlkit serve did not answer /health within {timeout_s:.0f} s")
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> ServerProcess:
+        if self.process is None:
+            self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -164,18 +291,18 @@ def sample_texts(count: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ workloads
-def _post(client: Any, path: str, body: dict) -> dict:
-    response = client.post(path, json=body)
+async def _post(client: Connection, path: str, body: dict) -> dict:
+    response = await client.post(path, body)
     if response.status_code != 200:
         raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
     return response.json()
 
 
-def embedding_sender(client: Any, inputs: list[Any], model: str, out: dict[int, list[float]]) -> Callable[[int], int]:
+def embedding_sender(inputs: list[Any], model: str, out: dict[int, list[float]]) -> Send:
     """Request i embeds ``inputs[i % len(inputs)]``; its vector goes to ``out[i]``."""
 
-    def send(i: int) -> int:
-        data = _post(client, "/v1/embeddings", {"model": model, "input": [inputs[i % len(inputs)]]})["data"]
+    async def send(client: Connection, i: int) -> int:
+        data = (await _post(client, "/v1/embeddings", {"model": model, "input": [inputs[i % len(inputs)]]}))["data"]
         if len(data) != 1:
             raise RuntimeError(f"{len(data)} embeddings for one input")
         out[i] = data[0]["embedding"]
@@ -184,15 +311,15 @@ def embedding_sender(client: Any, inputs: list[Any], model: str, out: dict[int, 
     return send
 
 
-def chat_sender(client: Any, images: list[str], model: str, max_tokens: int) -> Callable[[int], int]:
+def chat_sender(images: list[str], model: str, max_tokens: int) -> Send:
     questions = ("What colour is the shape?", "What shape is it?", "Describe the image.")
 
-    def send(i: int) -> int:
+    async def send(client: Connection, i: int) -> int:
         content = [{"type": "text", "text": questions[i % 3]},
                    {"type": "image_url", "image_url": {"url": images[i % len(images)]}}]  # fmt: skip
         body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                 "temperature": 0}  # fmt: skip
-        reply = _post(client, "/v1/chat/completions", body)
+        reply = await _post(client, "/v1/chat/completions", body)
         if reply["choices"][0]["message"]["role"] != "assistant":
             raise RuntimeError("no assistant message")
         return int(reply["usage"]["completion_tokens"])
@@ -200,21 +327,11 @@ def chat_sender(client: Any, images: list[str], model: str, max_tokens: int) -> 
     return send
 
 
-def serve_and_load(path: str, settings: Any, device: str, make_send: Callable[[Any, str], Callable[[int], int]],
-                   requests: int, clients: int) -> tuple[LoadResult, dict]:  # fmt: skip
-    """Serve ``path`` with ``settings`` on a free loopback port, warm it up, run the load; (result, /v1/models)."""
+def served_model(url: str) -> dict:
+    """The served model's entry of ``/v1/models`` (its id names it in the requests)."""
     import httpx
 
-    from vlkit.serve.app import BackgroundServer, create_app
-    from vlkit.serve.models import load_served
-
-    served = load_served(path, device=device, max_batch=settings.max_batch)
-    with BackgroundServer(create_app(served, settings)) as server, httpx.Client(base_url=server.url, timeout=600) as c:
-        models = c.get("/v1/models").json()["data"][0]
-        send = make_send(c, models["id"])
-        send(0)  # warm-up (first forward, allocator, thread pools): not timed
-        result = run_load(send, requests, clients)
-    return result, models
+    return httpx.get(url + "/v1/models", timeout=60).json()["data"][0]
 
 
 def _kind(path: str) -> str:
@@ -261,9 +378,9 @@ def hf_generate_baseline(hf_dir: str, requests: int, max_tokens: int, device: st
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import fastapi  # noqa: F401
         import httpx  # noqa: F401
-
-        from vlkit.serve.app import Settings
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise UserError(
             f"vlkit bench serve needs the serve extra and httpx ({e}): pip install 'vlkit[serve]' httpx"
@@ -273,13 +390,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workload {workload} does not fit --model {args.model} ({_kind(args.model)} model)")
     if args.hf and workload != "chat":
         raise UserError("--hf is the chat workload's transformers baseline; embeddings have none")
+    vectors: dict[str, dict[int, list[float]]] = {}
     if workload == "chat":
         images = sample_images(8, args.image_size)
-
-        def make_send(c: Any, model: str) -> Callable[[int], int]:
-            return chat_sender(c, images, model, args.max_tokens)
-
-        vectors: dict[str, dict[int, list[float]]] = {}
     else:
         inputs = sample_texts(args.requests) if workload == "embed-text" else sample_images(64, args.image_size)
         if workload == "embed-image":
@@ -288,13 +401,15 @@ def run(args: argparse.Namespace) -> int:
 
     rows = {}
     for name, max_batch in (("batched", args.max_batch), ("one", 1)):
-        settings = Settings(max_batch=max_batch, max_wait_ms=args.max_wait_ms if max_batch > 1 else 0.0)
-        if workload != "chat":
-
-            def make_send(c: Any, model: str, out: dict = vectors[name]) -> Callable[[int], int]:
-                return embedding_sender(c, inputs, model, out)
-
-        result, models = serve_and_load(args.model, settings, args.device, make_send, args.requests, args.clients)
+        wait_ms = args.max_wait_ms if max_batch > 1 else 0.0
+        with ServerProcess(args.model, max_batch=max_batch, max_wait_ms=wait_ms, device=args.device) as server:
+            models = served_model(server.url)
+            if workload == "chat":
+                send = chat_sender(images, models["id"], args.max_tokens)
+            else:
+                send = embedding_sender(inputs, models["id"], vectors[name])
+            asyncio.run(run_load(server.url, send, args.clients, args.clients))  # warm-up: first forwards; not timed
+            result = asyncio.run(run_load(server.url, send, args.requests, args.clients))
         rows[name] = {"max_batch": max_batch, **result.summary()}
         if result.failures:
             rows[name]["first_failures"] = result.failures[:3]
