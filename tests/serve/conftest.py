@@ -3,14 +3,21 @@ shapes-vqa and a ViT classifier run, each a few steps of ``vlkit train`` (what a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from vlkit.cli import main
 
+# For the docs' screenshots (docs/serving.md): VLKIT_SERVE_RUNS=DIR serves DIR/<preset name> (runs trained in full,
+# e.g. by `vlkit train PRESET trainer.output_dir=DIR/PRESET`) instead of training 3 steps here.
+TRAINED_RUNS = os.environ.get("VLKIT_SERVE_RUNS")
+
 
 def _train(preset: str, out: Path, *overrides: str) -> Path:
+    if TRAINED_RUNS and out.name == preset:
+        return Path(TRAINED_RUNS) / preset
     args = ["train", preset, f"trainer.output_dir={out}", "trainer.max_steps=3", "data.num_workers=0"]
     code = main([*args, "--quiet", "schedule.warmup_steps=1", *overrides])
     assert code == 0, f"training {preset} failed"

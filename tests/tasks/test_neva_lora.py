@@ -143,6 +143,12 @@ def test_convert_merge_lora_writes_the_merged_model(root, run, capsys):
     assert merged.keys() == exported.keys()
     for k in merged:
         torch.testing.assert_close(merged[k], exported[k], rtol=0, atol=1e-6)
+    # The run directory itself (its latest checkpoint, adapters and all) loads as the same merged model, so every
+    # --model (vlkit chat, eval, serve) takes a LoRA run as it takes any other.
+    from_run = load_model(root / "lora")
+    assert not has_lora(from_run) and from_run.config.peft is None
+    for k, v in from_run.state_dict().items():
+        torch.testing.assert_close(v, exported[k], rtol=0, atol=1e-6)
     # A model without adapters is refused, naming the problem.
     assert main(["convert", "--merge-lora", str(root / "llama"), "--out", str(root / "nothing")]) == 2
     assert "holds no LoRA adapters" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlkit.nn.lora import is_adapter_key, lora_layers, merge_lora_state_dict
+from vlkit.nn.lora import lora_layers, merge_lora_state_dict
 
 
 def plain_config(config):
@@ -73,54 +73,27 @@ def save_merged_model(model: nn.Module, path: str | Path, extra: dict | None = N
 
 
 def load_merged(src: str | Path) -> nn.Module:
-    """The plain model of a LoRA run's checkpoint (or run directory, or unmerged model directory): the base weights
-    from the checkpoint and, for what it left out, from where its config names them (``from_pretrained``), then
-    every adapter merged in.
+    """The plain model of a LoRA run's checkpoint (or run directory, or unmerged model directory): what
+    :func:`vlkit.load_model` makes of it -- the base weights from the checkpoint and, for what it left out, from where
+    its config names them (``from_pretrained``), every adapter merged in -- after checking that SRC is LoRA's.
 
     Raises:
-        ModelFormatError: SRC is not a vlkit model or checkpoint, holds no adapters, or does not fit its config.
+        ModelFormatError: SRC is not a vlkit model or checkpoint, has no LoRA section, or does not fit its config.
     """
-    from vlkit.interop.checkpoint_files import CheckpointError, read_model_state, read_train_state, run_model_config
+    from vlkit.interop.checkpoint_files import CheckpointError, read_train_state, run_model_config
     from vlkit.interop.files import ModelFormatError
-    from vlkit.interop.native import CONFIG_FILE, detect_format, load_model, load_state_dict, read_config
-    from vlkit.models.factory import create_model, resolve_model_config
+    from vlkit.interop.native import CONFIG_FILE, detect_format, load_model, read_config
+    from vlkit.models.factory import resolve_model_config
 
     kind, where = detect_format(src)
+    if kind not in ("vlkit", "checkpoint"):
+        raise ModelFormatError(f"{src}: --merge-lora reads a vlkit run's checkpoint or model directory, not {kind}")
     try:
-        if kind == "vlkit":
-            model_config, state = read_config(where)["model"], load_state_dict(where)
-        elif kind == "checkpoint":
-            info = read_train_state(where)
-            has_config = (where / CONFIG_FILE).is_file()
-            model_config = read_config(where)["model"] if has_config else run_model_config(info)
-            state = read_model_state(where, info)
-        else:
-            raise ModelFormatError(f"{src}: --merge-lora reads a vlkit run's checkpoint or model directory, not {kind}")
+        has_config = (where / CONFIG_FILE).is_file()
+        model_config = read_config(where)["model"] if has_config else run_model_config(read_train_state(where))
     except CheckpointError as e:
         raise ModelFormatError(str(e)) from None
-    if model_config is None:
-        raise ModelFormatError(f"{src}: the checkpoint names no architecture")
-    cfg = resolve_model_config(model_config)
-    lora = cfg.peft.lora if cfg.peft is not None else None
-    if not any(is_adapter_key(k) for k in state) or lora is None or not lora.rank:
+    peft = resolve_model_config(model_config).peft if model_config is not None else None
+    if peft is None or not peft.lora.rank:
         raise ModelFormatError(f"{src}: holds no LoRA adapters (model.peft.lora); nothing to merge")
-    adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
-    base = {k: v for k, v in state.items() if not is_adapter_key(k)}
-    plain = plain_config(cfg)
-    if plain.arch == "neva":
-        from vlkit.interop.neva import neva_from_weights
-
-        model = neva_from_weights(plain, base, load_model, where=str(where))
-    else:
-        model = create_model(plain)
-        model.load_state_dict(base, strict=True)
-    full = model.state_dict()
-    missing = sorted({k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")} - {
-        k[: -len(".weight")] for k in full if k.endswith(".weight")})  # fmt: skip
-    if missing:
-        raise ModelFormatError(f"{src}: adapters of layers the model does not have: {missing[:6]}")
-    scaling = lora.alpha / lora.rank
-    layers = {k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")}
-    merged = merge_lora_state_dict({**full, **adapters}, dict.fromkeys(layers, scaling))
-    model.load_state_dict(merged, strict=True)
-    return model
+    return load_model(where)

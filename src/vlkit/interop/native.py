@@ -59,6 +59,7 @@ from vlkit.interop.neva import neva_from_weights
 from vlkit.interop.vision import VisionEncoder
 from vlkit.interop.vision import load_vision_tower as _load_vision_tower
 from vlkit.models.factory import create_model, model_config_dict, resolve_model_config
+from vlkit.nn.lora import is_adapter_key, merge_lora_state_dict
 from vlkit.utils.modules import is_sharded, unwrap
 
 
@@ -148,6 +149,8 @@ def _from_weights(
     model_config: dict, state: dict[str, torch.Tensor], where: Path, device: str | torch.device, strict: bool,
     overrides: dict[str, Any],
 ) -> nn.Module:  # fmt: skip
+    if any(is_adapter_key(k) for k in state):
+        return _merged_from_weights(model_config, state, where, device, strict, overrides)
     if model_config.get("arch") == "neva" and strict and not overrides:
         # A NeVA trainer checkpoint may hold only what trained (stage 1: the projector); the config names the rest.
         return neva_from_weights(model_config, state, load_model, device=device, where=str(where))
@@ -157,6 +160,29 @@ def _from_weights(
     model = create_model(model_config, device=device, **overrides)
     fit_pos_embed(state, model, stored_grid)
     load_weights(model, state, where, strict)
+    return model
+
+
+def _merged_from_weights(
+    model_config: dict, state: dict[str, torch.Tensor], where: Path, device: str | torch.device, strict: bool,
+    overrides: dict[str, Any],
+) -> nn.Module:  # fmt: skip
+    """A LoRA run's checkpoint as the plain model: its base (from the checkpoint, and from where the config names
+    what the checkpoint left out) with every adapter merged in, ``W + alpha / rank * B A``; no ``peft`` section."""
+    peft = resolve_model_config(model_config).peft
+    if peft is None or not peft.lora.rank:
+        raise ModelFormatError(f"{where}: LoRA adapters in the weights, but no model.peft.lora in the config")
+    adapters = {k: v for k, v in state.items() if is_adapter_key(k)}
+    base = {k: v for k, v in state.items() if not is_adapter_key(k)}
+    plain = {k: v for k, v in model_config.items() if k != "peft"}
+    model = _from_weights(plain, base, where, device, strict, overrides)
+    layers = {k[: -len(".lora_A")] for k in adapters if k.endswith(".lora_A")}
+    try:
+        merged = merge_lora_state_dict({**model.state_dict(), **adapters},
+                                       dict.fromkeys(layers, peft.lora.alpha / peft.lora.rank))  # fmt: skip
+    except KeyError as e:
+        raise ModelFormatError(f"{where}: an adapter without its layer or its pair: {e}") from None
+    model.load_state_dict(merged, strict=True)
     return model
 
 
