@@ -203,6 +203,7 @@ def test_api_key(strict_server):
 
 GOOD_EMBEDDING = {"input": "a red circle"}
 PNG_200 = Image.new("RGB", (200, 200), "red")
+PNG_48 = Image.new("RGB", (48, 48), "blue")  # 2304 pixels: under the strict server's 4096, two of them are not
 ERROR_CASES = {
     # name: (path, body or raw bytes, status, param, code)
     "invalid json": ("/v1/embeddings", b'{"input": ', 400, None, "invalid_json"),
@@ -225,6 +226,12 @@ ERROR_CASES = {
     "chat to a clip model": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model",
                              "unsupported_model"),
     "unknown endpoint": ("/v1/completions", {"prompt": "hi"}, 404, None, None),
+    "empty body": ("/v1/embeddings", b"", 400, None, None),
+    "malformed image url": ("/v1/classify", {"image": "http://[::1", "labels": ["a"]}, 400, "image",
+                            "invalid_image_url"),
+    "images over max pixels together": ("/v1/embeddings", {"input": [{"type": "image_url", "image_url": {
+        "url": data_url(PNG_48)}}] * 2}, 400, "input", "image_too_large"),
+    "too many inputs": ("/v1/embeddings", {"input": ["x"] * 2049}, 400, "input", None),
 }  # fmt: skip
 
 
@@ -277,6 +284,7 @@ def test_chat_errors(neva_server, vqa_dir):
         (chat([{"role": "robot", "content": "hi"}]), 400, "messages[0].role", None),
         (chat([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]), 400, None, None),
         (chat([image_message(url)], stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+        (chat([image_message(url)], seed=2**64, temperature=1), 400, "seed", None),
         ({"messages": []}, 400, "messages", None),
         ({**good, "model": "other"}, 404, "model", "model_not_found"),
         ({"input": "x"}, 400, "messages", None),

@@ -43,6 +43,9 @@ from vlkit.serve.requests import (
     ImagePolicy,
     SearchRequest,
     conversation,
+    decode,
+    header_pixels,
+    image_bytes,
     load_image,
     stop_strings,
 )
@@ -51,6 +54,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_TOKENS = 128  # as `vlkit chat --max-new-tokens`; lowered to what the context leaves when not given
 ZEROSHOT_TEMPLATES = "openai"  # the prompt templates of `vlkit predict`, so both give the same probabilities
 INLINE_DECODE_CHARS = 64_000  # data URLs up to this length (a ~48 kB image, decoded in about a millisecond)
+INLINE_DECODE_PIXELS = 1_000_000  # ... unless it unpacks to more pixels (a flat 7000 x 7000 PNG is ~50 kB)
+RASTER_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 LABEL_CACHE_SIZE = 32  # label sets whose zero-shot classifiers are kept
 OPEN_PATHS = ("/", "/health", "/static", "/favicon.ico")  # no API key needed: the page asks for it itself
 # This request's count of the forward passes it is waiting on (set per HTTP request by _Guard): a mutable cell, so the
@@ -193,9 +198,13 @@ def _check_model(served: ServedModel, name: str | None, kinds: tuple[str, ...], 
 async def _image(url: str, settings: Settings, param: str) -> Any:
     """A decoded image. A large one is decoded off the event loop; a small one at once, which costs less than the
     hop to a thread."""
+    policy = settings.image_policy
     if url.startswith("data:") and len(url) <= INLINE_DECODE_CHARS:
-        return load_image(url, settings.image_policy, param)
-    return await asyncio.to_thread(load_image, url, settings.image_policy, param)
+        data = image_bytes(url, policy, param)
+        if header_pixels(data) <= INLINE_DECODE_PIXELS:
+            return decode(data, policy, param)
+        return await asyncio.to_thread(decode, data, policy, param)
+    return await asyncio.to_thread(load_image, url, policy, param)
 
 
 # ------------------------------------------------------------------------------------------------------------ chat
@@ -291,10 +300,20 @@ async def _embeddings(rt: _Runtime, body: EmbeddingRequest) -> dict:
         raise ApiError(400, "input: give a string, a list of strings or a list of image_url parts", param="input")
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     parts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, ImagePart)]
-    images = await asyncio.gather(*(_image(p.image_url.url, rt.settings, f"input[{i}].image_url.url")
-                                    for i, p in parts))  # fmt: skip
+    images, pixels = [], 0
+    for i, p in parts:  # one after the other: --max-image-pixels bounds the request's images together too
+        images.append(await _image(p.image_url.url, rt.settings, f"input[{i}].image_url.url"))
+        pixels += images[-1].width * images[-1].height
+        if pixels > rt.settings.max_image_pixels:
+            raise ApiError(400, f"the request's images have more than {rt.settings.max_image_pixels} pixels together "
+                           "(--max-image-pixels); send them in several requests", param="input",
+                           code="image_too_large")  # fmt: skip
+    # Both finish before an error is raised, so no forward pass is left running for a request that has ended.
     text_vecs, image_vecs = await asyncio.gather(rt.submit("embed_text", [t for _, t in texts]),
-                                                 rt.submit("embed_image", list(images)))  # fmt: skip
+                                                 rt.submit("embed_image", images), return_exceptions=True)  # fmt: skip
+    for outcome in (text_vecs, image_vecs):
+        if isinstance(outcome, BaseException):
+            raise outcome
     vectors: list[Any] = [None] * len(inputs)
     for (i, _), v in zip(texts, text_vecs):
         vectors[i] = v
@@ -375,7 +394,10 @@ def _index_image(rt: _Runtime, row: int) -> Response:
         data, mime = rt.served.index.image_bytes(row)
     except (KeyError, IndexError, UserError) as e:
         raise ApiError(404, str(e).strip("'\""), param="row", code="not_found") from None
-    return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600"})
+    if mime not in RASTER_TYPES:  # an .svg or .html in the indexed folder would run in the page's origin
+        raise ApiError(404, f"index row {row} is not a raster image ({mime})", param="row", code="not_found")
+    headers = {"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"}
+    return Response(data, media_type=mime, headers=headers)
 
 
 # ------------------------------------------------------------------------------------------------------------- app
@@ -405,13 +427,13 @@ class _Guard:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, started = time.perf_counter(), [False]
         endpoint = self._endpoint(scope)
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                self.rt.metrics.request_done(endpoint, status[0], time.perf_counter() - start)
+                started[0] = True
+                self.rt.metrics.request_done(endpoint, message["status"], time.perf_counter() - start)
             await send(message)
 
         refusal = self._refusal(scope)
@@ -433,6 +455,10 @@ class _Guard:
         token = _WAITS.set([0])
         try:
             await self.app(scope, receive_limited, send_status)
+        except Exception:  # a bug: Starlette's outer middleware answers 500; count it here, where metrics are
+            if not started[0]:
+                self.rt.metrics.request_done(endpoint, 500, time.perf_counter() - start)
+            raise
         finally:
             _WAITS.reset(token)
             self.rt.in_flight -= 1

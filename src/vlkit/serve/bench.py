@@ -77,11 +77,13 @@ class LoadResult:
 
     @property
     def throughput(self) -> float:
-        return self.requests / self.seconds
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
 
     def percentile(self, q: float) -> float:
         """The q-quantile of the latencies (nearest rank: an observed latency, never an interpolation)."""
         ordered = sorted(self.latencies_s)
+        if not ordered:  # every request failed
+            return float("nan")
         return ordered[max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))]
 
     def summary(self) -> dict[str, Any]:
@@ -199,7 +201,8 @@ class ServerProcess:
         self.command = [sys.executable, "-m", "vlkit", "serve", "--model", os.fspath(model), "--device", device,
                         "--port", str(self.port), "--max-batch", str(max_batch),
                         "--max-wait-ms", str(max_wait_ms)]  # fmt: skip
-        self.env = {**os.environ, **(env or {})}
+        # The bench's own server: no API key, whatever the shell has set for other servers.
+        self.env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "VLKIT_API_KEY"}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:

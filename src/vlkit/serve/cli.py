@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import sys
 
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         missing = f"vlkit serve needs FastAPI and uvicorn ({e.name} is missing)"
         raise UserError(f"{missing}: pip install 'vlkit[serve]'") from None
-    if args.max_request_mb <= 0 or args.max_wait_ms < 0:
+    if not (math.isfinite(args.max_request_mb) and math.isfinite(args.max_wait_ms)) or args.max_request_mb <= 0 \
+            or args.max_wait_ms < 0:  # fmt: skip
         raise UserError("--max-request-mb must be > 0 and --max-wait-ms >= 0")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port {args.port} is not a port number (0-65535)")

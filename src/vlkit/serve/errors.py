@@ -82,7 +82,7 @@ def _validation_response(request: Request, exc: Any) -> JSONResponse:
                   min(map(len, locations)))  # fmt: skip
     param = _field(locations[0][:shared] if shared else locations[0])
     if first.get("type") == "missing":
-        message = f"missing required field '{param}'"
+        message = f"missing required field '{param}'" if param else "the request body is missing (send a JSON object)"
     else:
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         given = first.get("input")

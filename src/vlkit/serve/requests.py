@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlkit.serve.errors import ApiError
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_INPUTS = 2048  # items of one embeddings request, as OpenAI
+MAX_LABELS = 1000  # zero-shot labels of one request (ImageNet's 1000; each costs 80 prompt forwards once)
 
 
 class _Body(BaseModel):
@@ -61,7 +63,7 @@ class ChatRequest(_Body):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)  # 0: greedy, what `vlkit chat` answers
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch's generators take
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -69,7 +71,7 @@ class ChatRequest(_Body):
 
 class EmbeddingRequest(_Body):
     model: str | None = None
-    input: str | list[str | ImagePart] = Field(union_mode="left_to_right")
+    input: str | Annotated[list[str | ImagePart], Field(max_length=MAX_INPUTS)] = Field(union_mode="left_to_right")
     encoding_format: Literal["float", "base64"] = "float"
 
 
@@ -77,7 +79,7 @@ class ClassifyRequest(_Body):
     model: str | None = None
     image: str
     top_k: int = Field(default=5, ge=1)
-    labels: list[str] | None = None
+    labels: list[str] | None = Field(default=None, max_length=MAX_LABELS)
 
 
 class SearchRequest(_Body):
@@ -114,7 +116,12 @@ def image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
         except (binascii.Error, ValueError):
             raise ApiError(400, "the image data URL's payload is not valid base64", param=param,
                            code="invalid_image_url") from None  # fmt: skip
-    scheme = urlparse(url).scheme.lower()
+    try:
+        parsed = urlparse(url)
+    except ValueError as e:  # an unmatched "[" in the host, say
+        raise ApiError(400, f"the image URL is malformed ({e}); send a data URL", param=param,
+                       code="invalid_image_url") from None  # fmt: skip
+    scheme = parsed.scheme.lower()
     if scheme in ("http", "https", "ftp"):
         raise ApiError(400, f"the server does not fetch {scheme}:// URLs; send the image inline as a data URL "
                        "(data:image/png;base64,...)", param=param, code="invalid_image_url")  # fmt: skip
@@ -124,9 +131,11 @@ def image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
     if not policy.allow_local_files:
         raise ApiError(400, "local image paths are not allowed on this server (start it with --allow-local-files); "
                        "send the image as a data URL", param=param, code="invalid_image_url")  # fmt: skip
-    path = Path(unquote(urlparse(url).path)) if scheme == "file" else Path(url)
+    path = Path(unquote(parsed.path)) if scheme == "file" else Path(url)
     try:
         return path.read_bytes()
+    except ValueError:  # a NUL byte in the path
+        raise ApiError(400, "the image path is malformed", param=param, code="invalid_image_url") from None
     except OSError as e:
         raise ApiError(400, f"cannot read image file {path}: {e.strerror or e}", param=param,
                        code="invalid_image_url") from None  # fmt: skip
@@ -149,6 +158,19 @@ def decode(data: bytes, policy: ImagePolicy, param: str) -> Any:
                            f"{policy.max_pixels})", param=param, code="image_too_large") from None  # fmt: skip
         raise ApiError(400, f"the image cannot be decoded ({e.reason}: {e.detail})", param=param,
                        code="invalid_image") from None  # fmt: skip
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from an encoded image's header (nothing decoded); 0 when unreadable (decoding will say why)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 (any failure is decode()'s to report, with its reason)
+        return 0
 
 
 def load_image(url: str, policy: ImagePolicy, param: str) -> Any:
