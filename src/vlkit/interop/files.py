@@ -26,6 +26,7 @@ from vlkit import __version__
 from vlkit.interop.checkpoint_files import MODEL_FILE, CheckpointError, SafetensorsHeader, read_safetensors_header
 from vlkit.models.factory import create_model, model_config_dict
 from vlkit.utils.errors import UserError
+from vlkit.utils.fs import fsync_dir
 
 FORMAT = "vlkit"
 CONFIG_FILE = "config.json"
@@ -62,14 +63,6 @@ def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
             owner[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     return tensors, aliases
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_dir(target: Path, write: Any) -> None:

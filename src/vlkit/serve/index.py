@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from vlkit.utils.errors import UserError
+from vlkit.utils.fs import write_text_durably
 
 FORMAT = "vlkit-embedding-index"
 FORMAT_VERSION = 1
@@ -58,22 +59,8 @@ class Hit:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, flushed to disk: a reader sees the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Replace a JSON file atomically and durably (a reader sees the old or the new file)."""
+    write_text_durably(path, json.dumps(data, indent=2))
 
 
 def import_faiss() -> Any:

@@ -258,7 +258,8 @@ class Chunks:
     def write(self, number: int, vectors: Any, metas: list[dict], state: dict) -> None:
         import numpy as np
 
-        from vlkit.serve.index import fsync_dir, write_json_atomic, write_meta
+        from vlkit.serve.index import write_json_atomic, write_meta
+        from vlkit.utils.fs import fsync_dir
 
         tmp = self.dir / f".chunk-{number:06d}.npy.tmp"
         with open(tmp, "wb") as f:

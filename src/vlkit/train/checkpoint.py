@@ -77,8 +77,8 @@ from vlkit.interop.files import FORMAT as MODEL_FORMAT
 
 # public in interop.files; aliased so that this file (being split elsewhere) changes in its imports only
 from vlkit.interop.files import dedupe as _dedupe
-from vlkit.interop.files import fsync_dir as _fsync_dir
 from vlkit.train.rng import capture_rng_state, restore_rng_state
+from vlkit.utils.fs import write_synced, write_text_durably
 from vlkit.utils.modules import is_sharded, unwrap
 
 __all__ = ["CheckpointError", "CheckpointManager", "capture_rng_state", "restore_rng_state"]
@@ -102,13 +102,6 @@ def _rng_file(rank: int) -> str:
 def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     unique, aliases = _dedupe(tensors)
     save_file(unique, str(file), metadata={"format": "pt", "aliases": json.dumps(aliases)})
-
-
-def _write_synced(file: Path, text: str) -> None:
-    with open(file, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --------------------------------------------------------------------------- models, wrappers and DTensors
@@ -431,7 +424,7 @@ class CheckpointManager:
         with single_process_dcp_ok():
             dcp.save(flat, storage_writer=dcp.FileSystemWriter(str(staging)))
         try:
-            _write_synced(staging / _rng_file(self.rank), json.dumps(rng))
+            write_synced(staging / _rng_file(self.rank), json.dumps(rng))
         except BaseException as e:
             error = e
         self._collective(error is None, error, f"writing RNG state to {staging}")
@@ -470,10 +463,7 @@ class CheckpointManager:
 
     def _publish(self, target: Path) -> None:
         """Point ``latest`` at a complete, fsynced ``target`` (by rename), then prune."""
-        tmp = self.directory / f".latest.tmp-{os.getpid()}"
-        _write_synced(tmp, target.name + "\n")
-        os.replace(tmp, self.directory / LATEST_FILE)
-        _fsync_dir(self.directory)
+        write_text_durably(self.directory / LATEST_FILE, target.name + "\n")
         try:
             self._prune()
         except OSError as e:  # the new checkpoint is safe; an old one lingering is not worth failing the run for

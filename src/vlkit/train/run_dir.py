@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from vlkit.config.load import ConfigError, to_yaml
 from vlkit.config.schema import Config
+from vlkit.utils.fs import write_text_durably
 
 __all__ = ["CONFIG_FILE", "LOCK_FILE", "RunLock", "acquire_lock", "checkpoint_dir", "claim_output_dir", "on_rank0"]
 
@@ -304,12 +305,7 @@ def _move_aside(out: Path, ckpt: Path) -> list[tuple[Path, Path]]:
 
 def _write_config(out: Path, cfg: Config) -> None:
     """``<output_dir>/config.yaml``: the resolved config, written to a temporary file and renamed into place."""
-    tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / CONFIG_FILE)
+    write_text_durably(out / CONFIG_FILE, to_yaml(cfg))
 
 
 def _claim(cfg: Config) -> RunLock:
