@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from vlkit.config import load_config
 from vlkit.data.shapes_vqa import write_shapes_vqa
-from vlkit.interop.native import load_model, save_model
-from vlkit.models import create_model
+from vlkit.interop.native import load_model
 from vlkit.nn.lora import has_lora, is_adapter_key
 from vlkit.tasks import task_for
 from vlkit.train.trainer import Trainer
@@ -22,24 +21,6 @@ from vlkit.train.trainer import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 LORA = ["model.peft.lora.rank=4", "model.peft.lora.alpha=8", "model.peft.lora.dropout=0.1"]
 WORKER = Path(__file__).with_name("lora_worker.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _few_eval_questions():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("vlkit.tasks.neva.EVAL_MAX_QUESTIONS", 3)
-        yield
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """The shapes-vqa data and pretrained parts (a clip-tiny and a llama-tiny), as a real LoRA run has."""
-    out = tmp_path_factory.mktemp("neva-lora")
-    write_shapes_vqa(out / "data", train=32, val=4, progress=False)
-    torch.manual_seed(1)
-    save_model(create_model("clip-tiny"), out / "clip")
-    save_model(create_model("llama-tiny"), out / "llama")
-    return out
 
 
 def config(root, name, *extra):

@@ -9,8 +9,7 @@ import safetensors
 import torch
 
 from vlkit.config import load_config
-from vlkit.data.shapes_vqa import write_shapes_vqa
-from vlkit.interop.native import load_model, save_model
+from vlkit.interop.native import load_model
 from vlkit.models import create_model
 from vlkit.parallel.dist import DistInfo
 from vlkit.tasks import task_for
@@ -18,25 +17,6 @@ from vlkit.tasks.neva import NevaTask
 from vlkit.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _few_eval_questions():
-    # Every fit ends with the held-out VQA evaluation; three questions show it runs (the CLI tests cover the rest).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("vlkit.tasks.neva.EVAL_MAX_QUESTIONS", 3)
-        yield
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """The shapes-vqa data (32 train, 4 val images) and pretrained parts: a clip-tiny and a llama-tiny."""
-    out = tmp_path_factory.mktemp("neva-task")
-    write_shapes_vqa(out / "data", train=32, val=4, progress=False)
-    torch.manual_seed(1)
-    save_model(create_model("clip-tiny"), out / "clip")
-    save_model(create_model("llama-tiny"), out / "llama")
-    return out
 
 
 def config(root, stage, name, *extra, pretrained=True):
