@@ -1,6 +1,7 @@
 """The import graph of the vlkit package, read from the code: circles, imports that point up the layers of
-ARCHITECTURE.md, and the largest files. ``python tools/import_graph.py [--json]``; exit 1 when there is a circle or an
-upward import.
+ARCHITECTURE.md, and the largest files. ``python tools/import_graph.py [--json] [--at REV]``; exit 1 when there is a
+circle or an upward import. ``--at REV`` reads the package as it was at a git revision (``--at 42192f9``: before
+issue 14), with today's layer map.
 
 Every ``import vlkit.x`` / ``from vlkit.x import y`` counts, at module level or inside a function (a deferred import is
 still a dependency), except under ``if TYPE_CHECKING:``.
@@ -8,9 +9,12 @@ still a dependency), except under ``if TYPE_CHECKING:``.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -139,7 +143,37 @@ def _is_package(name: str) -> bool:
     return SRC.joinpath(*name.split("."), "__init__.py").is_file()
 
 
+def _checkout_src(rev: str, into: Path) -> Path:
+    """The revision's ``src/`` unpacked under ``into`` (git archive: no work tree touched)."""
+    repo = SRC.parent
+    done = subprocess.run(["git", "-C", str(repo), "archive", rev, "src"], capture_output=True)
+    if done.returncode != 0:
+        raise ValueError(f"git archive {rev}: {done.stderr.decode().strip()}")
+    archive = done.stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="vlkit's import graph: circles, upward imports, largest files")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--at", metavar="REV", help="read the package at this git revision instead of the work tree")
+    args = parser.parse_args(argv)
+    global SRC
+    if args.at:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                here, SRC = SRC, _checkout_src(args.at, Path(tmp))
+            except ValueError as e:
+                parser.error(str(e))
+            try:
+                return _report(args.json)
+            finally:
+                SRC = here
+    return _report(args.json)
+
+
+def _report(as_json: bool) -> int:
     edges, sizes = graph()
     report = {
         "modules": len(edges),
@@ -147,7 +181,7 @@ def main(argv: list[str]) -> int:
         "upward": [f"{a} -> {b}" for a, b in upward(edges)],
         "largest": [f"{n} ({s} lines)" for n, s in sorted(sizes.items(), key=lambda x: -x[1])[:8]],
     }
-    if "--json" in argv:
+    if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{report['modules']} modules")
