@@ -7,7 +7,9 @@ import base64
 import io
 import json
 import re
+import socket
 import tarfile
+import time
 
 import httpx
 import pytest
@@ -75,8 +77,13 @@ def strict_server(clip_run):
 
 
 @pytest.fixture(scope="module")
-def neva_server(neva_run):
-    with BackgroundServer(create_app(load_served(neva_run, device="cpu"), Settings())) as server:
+def neva_served(neva_run):
+    return load_served(neva_run, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def neva_server(neva_served):
+    with BackgroundServer(create_app(neva_served, Settings())) as server:
         yield server
 
 
@@ -302,6 +309,41 @@ def test_chat_errors(neva_server, vqa_dir):
     text = httpx.get(neva_server.url + "/metrics").text
     assert re.search(r"^vlkit_generated_tokens_total [1-9]", text, re.M)
     assert 'vlkit_queue_depth{queue="generation"} 0' in text
+
+
+def test_a_client_that_hangs_up_frees_its_chat_row(neva_server, neva_served, vqa_dir):
+    """A non-streamed answer whose client disconnects stops generating (Starlette does not cancel the endpoint)."""
+    engine = neva_served.engine
+    eos = sorted(engine._eos)
+
+    def slow_and_endless(module, args, output):  # 50 ms a step, and the end token never wins
+        time.sleep(0.05)
+        output[..., eos] = float("-inf")
+
+    url = data_url((vqa_dir / "images" / "val").glob("*.png").__next__().read_bytes())
+    body = json.dumps(chat([image_message(url)], max_tokens=60, temperature=1.0, seed=3)).encode()
+    host, port = neva_server.url.removeprefix("http://").split(":")
+    hook = engine.inner.register_forward_hook(slow_and_endless)
+    try:
+        before = engine.stats()["generated_tokens"]
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            _wait_for(lambda: engine.stats()["generated_tokens"] - before >= 3, "generation to start", timeout=30)
+        _wait_for(lambda: engine.stats()["active"] == 0, "the row to leave the batch")
+        assert engine.stats()["generated_tokens"] - before < 30  # of 60: it stopped well before the end (3 s)
+    finally:
+        hook.remove()
+    assert post(neva_server, "/v1/chat/completions", chat([image_message(url)])).status_code == 200
+    assert re.search(r'vlkit_requests_total\{endpoint="/v1/chat/completions",status="499"\} 1',
+                     httpx.get(neva_server.url + "/metrics").text)  # fmt: skip
+
+
+def _wait_for(condition, what: str, timeout: float = 1.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def test_web_page_is_served(clip_server):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match
 
@@ -249,7 +249,36 @@ async def _events(rt: _Runtime, stream: Any, base: dict, include_usage: bool) ->
             stream.cancel()
 
 
-async def _chat(rt: _Runtime, body: ChatRequest) -> Response:
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client has closed the connection. The body has been read, so the next ASGI message is
+    ``http.disconnect`` (uvicorn sends it when the connection is lost or, at the latest, after the response)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _finished_unless_gone(stream: Any, request: Request) -> bool:
+    """Consume a non-streamed answer; False, with its batch row freed, if the client goes away first. Starlette does
+    not cancel a plain endpoint when its client disconnects, so without this the engine would generate for nobody."""
+
+    async def drain() -> None:
+        async for _ in stream:
+            pass
+
+    answer, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (server shutdown)
+        gone.cancel()
+        if not answer.done():
+            stream.cancel()
+            answer.cancel()
+    if not answer.done():  # the client went away first
+        return False
+    answer.result()  # an engine error is raised here
+    return True
+
+
+async def _chat(rt: _Runtime, body: ChatRequest, request: Request) -> Response:
     from vlkit.serve.generation import ChatJob, JobError, PromptTooLong
 
     served = rt.served
@@ -276,12 +305,8 @@ async def _chat(rt: _Runtime, body: ChatRequest) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_events(rt, stream, base, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})  # fmt: skip
-    try:
-        async for _ in stream:
-            pass
-    except asyncio.CancelledError:  # the client went away: free the batch row
-        stream.cancel()
-        raise
+    if not await _finished_unless_gone(stream, request):
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
     rt.metrics.tokens_generated(stream.completion_tokens)
     message = {"role": "assistant", "content": stream.text, "refusal": None}
     return JSONResponse({**base, "object": "chat.completion", "usage": _usage(stream),
@@ -511,8 +536,8 @@ def create_app(served: ServedModel, settings: Settings | None = None) -> FastAPI
         return JSONResponse(_models(served))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Response:
-        return await _chat(rt, body)
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        return await _chat(rt, body, request)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Response:
