@@ -198,6 +198,16 @@ def test_local_files_only_when_allowed(clip_server, strict_server, val_images):
     assert "--allow-local-files" in error["message"]
 
 
+def test_a_local_file_that_is_no_image_does_not_leak_its_content(clip_server, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2 is the password")
+    body = {"input": [{"type": "image_url", "image_url": {"url": str(secret)}}]}
+    error = assert_error(post(clip_server, "/v1/embeddings", body), 400, "input[0].image_url.url", "invalid_image")
+    assert "hunter" not in error["message"] and "bytes" not in error["message"]
+    inline = {"input": [{"type": "image_url", "image_url": {"url": data_url(secret.read_bytes())}}]}
+    assert "starting b'hunter2" in assert_error(post(clip_server, "/v1/embeddings", inline), 400)["message"]
+
+
 def test_api_key(strict_server):
     body = {"input": "a red circle"}
     assert_error(post(strict_server, "/v1/embeddings", body), 401, code="invalid_api_key")

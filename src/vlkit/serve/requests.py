@@ -141,8 +141,10 @@ def image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
                        code="invalid_image_url") from None  # fmt: skip
 
 
-def decode(data: bytes, policy: ImagePolicy, param: str) -> Any:
+def decode(data: bytes, policy: ImagePolicy, param: str, *, show_detail: bool = True) -> Any:
     """An RGB PIL image from encoded bytes; the pixel limit is checked from the header, before decoding.
+    ``show_detail=False`` keeps the decoder's detail (the first bytes, for data that is no image) out of the message:
+    for a server-side file, whose content the client must not learn through errors.
 
     Raises:
         ApiError: 400 for data that is no image (code ``invalid_image``) or an image over the pixel limit
@@ -156,8 +158,8 @@ def decode(data: bytes, policy: ImagePolicy, param: str) -> Any:
         if e.reason == "too_large":
             raise ApiError(400, f"the image is too large: {e.detail} (this server's --max-image-pixels is "
                            f"{policy.max_pixels})", param=param, code="image_too_large") from None  # fmt: skip
-        raise ApiError(400, f"the image cannot be decoded ({e.reason}: {e.detail})", param=param,
-                       code="invalid_image") from None  # fmt: skip
+        why = f"{e.reason}: {e.detail}" if show_detail else e.reason
+        raise ApiError(400, f"the image cannot be decoded ({why})", param=param, code="invalid_image") from None
 
 
 def header_pixels(data: bytes) -> int:
@@ -174,7 +176,7 @@ def header_pixels(data: bytes) -> int:
 
 
 def load_image(url: str, policy: ImagePolicy, param: str) -> Any:
-    return decode(image_bytes(url, policy, param), policy, param)
+    return decode(image_bytes(url, policy, param), policy, param, show_detail=url.startswith("data:"))
 
 
 # ------------------------------------------------------------------------------------------------------------ chat
