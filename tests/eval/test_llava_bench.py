@@ -12,12 +12,14 @@ from PIL import Image
 
 from vlkit.cli import main
 from vlkit.eval.llava_bench import (
+    first_questions,
     mmbench_letter,
     pope_metrics,
     pope_yes_no,
     read_benchmark,
     score_benchmark,
     sqa_letter,
+    write_outputs,
 )
 from vlkit.eval.llava_bench_data import LETTER_ANSWER, SHORT_ANSWER
 from vlkit.eval.results import EvalUsageError
@@ -78,6 +80,8 @@ def test_letter_and_yes_no_rules():
         "B", "C", "D", None, None, None, None]  # fmt: skip
     assert [mmbench_letter(t, 3) for t in ("B", "B.", "(C)", "A) red", "A cat", "D", "The answer is C")] == [
         "B", "B", "C", "A", None, None, "C"]  # fmt: skip
+    # A capital past the option letters is a failed answer, as LLaVA's get_pred_idx returns -1 (not an error).
+    assert sqa_letter("The answer is K.", 4) is None and mmbench_letter("The answer is Yes", 4) is None
     assert [pope_yes_no(t) for t in ("Yes", "No", "no, there is not.", "Yes. It is not red.", "There is not one",
                                      "I see No cat")] == ["yes", "no", "no", "yes", "no", "no"]  # fmt: skip
 
@@ -146,6 +150,27 @@ def test_vqav2_official_files_scores(vqav2_files):
     assert metrics["vqa_accuracy/answer_type/other"] == pytest.approx(0.9)
     assert metrics["vqa_accuracy/question_type/is the"] == 0.0
     assert [r["accuracy"] for r in records] == pytest.approx([0.6, 0.9, 0.0])
+    # Scored as submitted (EvalAI's processing first), so the local number is the server's for the same answers:
+    # "yes!" is submitted as "yes" (1.0 against 10 x "yes"), "t-shirt" as "t shirt" (0 against 10 x "t-shirt").
+    items[2].answers = ["yes"] * 10
+    assert score_benchmark("vqav2", items[2:], ["yes!"])[1][0]["accuracy"] == 1.0
+    items[2].answers = ["t-shirt"] * 10
+    record = score_benchmark("vqav2", items[2:], ["t-shirt"])[1][0]
+    assert record["submitted"] == "t shirt" and record["accuracy"] == 0.0
+
+
+def test_vqav2_test_dev_images_and_the_whole_test_submission(tmp_path):
+    # The official test-dev question file says data_subtype test-dev2015; its images are test2015's.
+    questions = {"data_subtype": "test-dev2015", "questions": [{"image_id": 7, "question": "Why?", "question_id": 70}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    items = read_benchmark("vqav2", tmp_path / "q.json")
+    assert items[0].image == "COCO_test2015_000000000007.jpg"
+    # The server takes only a submission of all test2015 questions: those not asked get "".
+    out = tmp_path / "out"
+    write_outputs("vqav2", items, ["Yes!"], [], out, tmp_path / "q.json", submission_ids=[69, 70, 71])
+    sub = json.loads((out / "vqav2_submission.json").read_text())
+    assert sub == [{"question_id": 69, "answer": ""}, {"question_id": 70, "answer": "yes"},
+                   {"question_id": 71, "answer": ""}]  # fmt: skip
 
 
 def test_llava_question_files_keep_their_instruction(tmp_path):
@@ -230,6 +255,9 @@ def test_scienceqa_llava_file(tmp_path):
     path.write_text(json.dumps(rows))
     (item,) = read_benchmark("sqa", path)
     assert item.prompt == f"Which is a mammal?\nA. frog\nB. cat\n{LETTER_ANSWER}" and item.answers == ["B"]
+    # The number of choices comes from the prompt's option lines: "C" on a two-choice question failed.
+    assert item.meta["num_choices"] == 2
+    assert score_benchmark("sqa", [item], ["C"])[1][0]["parsed"] == "FAILED"
 
 
 def _mmbench_tsv(path, rows):
@@ -279,6 +307,30 @@ def test_mmbench_circular_evaluation(tmp_path):
     assert [it.prompt for it in made] == [it.prompt for it in items[:4]]
     mixed = read_benchmark("mmbench", _mmbench_tsv(tmp_path / "mixed.tsv", rows[4:] + [rows[0]]), circular=True)
     assert [it.question_id for it in mixed] == [1, 1_000_001, 0, 1_000_000, 2_000_000, 3_000_000]
+
+
+def test_mmbench_options_pandas_reads_as_missing_end_the_list(tmp_path):
+    # LLaVA reads the TSV with pandas: "N/A", "NA", "NULL" ... are NaN there, so the options stop before them.
+    rows = [
+        {"index": 0, "question": "Which?", "A": "cat", "B": "dog", "C": "N/A", "answer": "A", "category": "c"},
+        {"index": 1, "question": "Which?", "A": "none", "B": "dog", "C": "NULL", "answer": "A", "category": "c"},
+    ]
+    items = read_benchmark("mmbench", _mmbench_tsv(tmp_path / "na.tsv", rows), circular=True)
+    assert [it.meta["options"] for it in items if it.question_id < 1_000_000] == [["cat", "dog"], ["none", "dog"]]
+    assert len(items) == 4  # two rotations each
+
+
+def test_mmbench_circular_copies_stay_out_of_the_submission_and_whole_in_max_samples(tmp_path):
+    rows = [{"index": i, "question": "Which?", "A": "cat", "B": "dog", "C": "bird", "answer": "A", "category": "c"}
+            for i in range(3)]  # fmt: skip
+    path = _mmbench_tsv(tmp_path / "mm.tsv", rows)
+    items = read_benchmark("mmbench", path, circular=True)
+    assert len(items) == 9
+    kept = first_questions(items, 2, "mmbench")
+    assert sorted(it.question_id for it in kept) == [0, 1, 1_000_000, 1_000_001, 2_000_000, 2_000_001]
+    write_outputs("mmbench", items, ["A"] * 9, [], tmp_path / "out", path)
+    with (tmp_path / "out" / "mmbench_submission.csv").open(newline="") as f:
+        assert [r["index"] for r in csv.DictReader(f)] == ["0", "1", "2"]  # only the TSV's own rows
 
 
 def test_pope_per_split(tmp_path):
@@ -398,3 +450,9 @@ def test_command_bad_inputs_exit_2(tmp_path, capsys):
     bad.write_text(json.dumps({"questions": "nope"}))
     assert main(["eval", "llava-bench", "vqav2", "--model", model, "--data", str(bad)]) == 2
     assert "questions.json: not in the expected layout" in capsys.readouterr().err
+    pope = tmp_path / "pope"
+    pope.mkdir()
+    _jsonl(pope / "coco_pope_random.json", [{"question_id": 1, "image": "x.jpg", "text": "Cat?", "label": "no"}])
+    assert main(["eval", "llava-bench", "pope", "--model", model, "--data", str(pope), "--out", str(tmp_path),
+                 "--submission-questions", str(pope / "coco_pope_random.json")]) == 2  # fmt: skip
+    assert "--submission-questions is for vqav2" in capsys.readouterr().err

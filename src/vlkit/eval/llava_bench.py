@@ -140,8 +140,11 @@ def score_benchmark(name: str, items: Sequence[BenchItem], texts: Sequence[str |
     if name == "vqav2":
         accs = []
         for it, text in scored:
-            acc = vqa_accuracy(text, it.answers)
-            by_id[id(it)]["accuracy"] = acc
+            # The answer as submitted (EvalAI's processing, as LLaVA's converter) is what the server scores: the
+            # local number then equals the server's for the same answers.
+            submitted = evalai_answer(text)
+            acc = vqa_accuracy(submitted, it.answers)
+            by_id[id(it)].update(submitted=submitted, accuracy=acc)
             accs.append((it, acc))
         if accs:
             metrics["vqa_accuracy"] = sum(a for _, a in accs) / len(accs)
@@ -217,17 +220,26 @@ def _gqa_tier(data: Path) -> str:
 
 
 def write_outputs(
-    name: str, items: Sequence[BenchItem], texts: Sequence[str | None], records: list[dict], out_dir: Path, data: Path
+    name: str,
+    items: Sequence[BenchItem],
+    texts: Sequence[str | None],
+    records: list[dict],
+    out_dir: Path,
+    data: Path,
+    submission_ids: Sequence[Any] | None = None,
 ) -> list[Path]:
     """Write ``answers.jsonl`` (one record per question, as LLaVA's answer files plus what was read and scored) and
-    the benchmark's submission file into ``out_dir``; returns the files written."""
+    the benchmark's submission file into ``out_dir``; returns the files written. ``submission_ids``: VQAv2's
+    submission holds these questions, in this order (the whole test2015 set: the server refuses test-dev alone),
+    ``""`` for those not answered."""
     out_dir.mkdir(parents=True, exist_ok=True)
     answers = out_dir / "answers.jsonl"
     answers.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     written = [answers]
     if name == "vqav2":  # as LLaVA's convert_vqav2_for_submission.py: EvalAI's processing, "" where unanswered
-        sub = [{"question_id": int(it.question_id), "answer": "" if t is None else evalai_answer(t)}
-               for it, t in zip(items, texts)]  # fmt: skip
+        answered = {int(it.question_id): "" if t is None else evalai_answer(t) for it, t in zip(items, texts)}
+        ids = list(answered) if submission_ids is None else [int(i) for i in submission_ids]
+        sub = [{"question_id": i, "answer": answered.get(i, "")} for i in ids]
         written.append(_write_json(out_dir / "vqav2_submission.json", sub))
     elif name == "gqa":
         preds = [{"questionId": it.question_id, "prediction": "" if t is None else gqa_prediction(t)}
@@ -260,7 +272,8 @@ def _write_mmbench_submission(path: Path, items: Sequence[BenchItem], texts: Seq
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for it, text in zip(items, texts):
-            writer.writerow({**it.meta["row"], "prediction": text or ""})
+            if not it.meta.get("generated"):  # --circular's own rotations are not rows of the TSV the server knows
+                writer.writerow({**it.meta["row"], "prediction": text or ""})
     return path
 
 
@@ -281,6 +294,7 @@ def evaluate_llava_bench(
     max_new_tokens: int = 32,
     max_samples: int | None = None,
     out_dir: str | os.PathLike | None = None,
+    submission_ids: Sequence[int] | None = None,
     progress: bool = False,
     dataset_name: str | None = None,
     model_name: str | None = None,
@@ -297,8 +311,10 @@ def evaluate_llava_bench(
             label folder (for LLaVA's ``llava_pope_test.jsonl``).
         split: ScienceQA's split (``pid_splits.json``).
         circular: MMBench: make the rotated copies of questions that have none in the TSV.
-        max_samples: the first N questions only.
+        max_samples: the first N questions only (MMBench: with all their circular copies).
         out_dir: write ``answers.jsonl`` and the submission file there.
+        submission_ids: VQAv2: the submission lists these questions (the test2015 set, from
+            ``read_vqav2(test2015_questions)``), ``""`` for those not answered.
 
     Returns:
         An EvalResult (task = ``name``); ``details["records"]`` holds one record per question, ``info["files"]``
@@ -311,7 +327,7 @@ def evaluate_llava_bench(
     if items is None:
         items = read_benchmark(name, data, annotations=annotations, split=split, circular=circular)
     if max_samples is not None:
-        items = items[:max_samples]
+        items = first_questions(items, max_samples, name)
     folder = Path(image_folder) if image_folder is not None else _default_image_folder(name, data, split)
     asked = [it for it in items if it.image is None or name == "mmbench" or (folder / it.image).is_file()]
     if not asked:
@@ -342,10 +358,23 @@ def evaluate_llava_bench(
         "skipped": {"image_missing": len(items) - len(asked)} if len(items) > len(asked) else {},
     }
     if out_dir is not None:
-        info["files"] = [str(p) for p in write_outputs(name, items, texts, records, Path(out_dir), data)]
+        files = write_outputs(name, items, texts, records, Path(out_dir), data, submission_ids)
+        info["files"] = [str(p) for p in files]
     model, pretrained = model_names(model_path, model_name)
     return EvalResult(name, metrics, dataset_name or str(data), model, pretrained, len(asked), info,
                       {"records": records})  # fmt: skip
+
+
+def first_questions(items: list[BenchItem], n: int, name: str) -> list[BenchItem]:
+    """The first ``n`` questions; for MMBench a question is a group of circular copies, kept or left out whole."""
+    if name != "mmbench":
+        return items[:n]
+    keep: set[int] = set()
+    for it in items:
+        if len(keep) == n:
+            break
+        keep.add(it.question_id % MMBENCH_CIRCULAR)
+    return [it for it in items if it.question_id % MMBENCH_CIRCULAR in keep]
 
 
 def _default_image_folder(name: str, data: Path, split: str) -> Path:

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--circular", action="store_true", help="MMBench: add the rotated copies of questions the TSV "
                    "has none of (index + k*1e6)")  # fmt: skip
     p.add_argument("--out", default=None, metavar="DIR", help="write answers.jsonl and the submission file here")
+    p.add_argument("--submission-questions", default=None, metavar="FILE", help="VQAv2: the test2015 questions "
+                   "(official JSON or LLaVA's llava_vqav2_mscoco_test2015.jsonl); the submission lists every one, "
+                   "\"\" where not answered, as the server requires")  # fmt: skip
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="the LLM tokenizer (default: the model's)")
     p.add_argument("--template", default=None, help="conversation template (default: the model's training template)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length limit (32)")
@@ -68,17 +71,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``vlkit eval llava-bench``; returns the exit code (2 for a missing or malformed file, naming it)."""
     from vlkit.eval.llava_bench import evaluate_llava_bench, read_benchmark
+    from vlkit.eval.llava_bench_data import read_vqav2
     from vlkit.eval.results import EvalUsageError
     from vlkit.eval.vqa import load_assistant
 
     name = args.benchmark
     try:
-        for option, value in (("--data", args.data), ("--annotations", args.annotations)):
+        files = (("--data", args.data), ("--annotations", args.annotations),
+                 ("--submission-questions", args.submission_questions))  # fmt: skip
+        for option, value in files:
             if value is not None and not os.path.exists(value):
                 raise EvalUsageError(f"{option} {value}: no such file or directory")
         # The files first: a wrong layout should not cost a model load.
         items = read_benchmark(name, args.data, annotations=args.annotations, split=args.split,
                                circular=args.circular)  # fmt: skip
+        submission_ids = None
+        if args.submission_questions is not None:
+            if name != "vqav2":
+                raise EvalUsageError("--submission-questions is for vqav2 (its test-dev submission)")
+            if args.out is None:
+                raise EvalUsageError("--submission-questions needs --out (where the submission is written)")
+            submission_ids = [it.question_id for it in read_vqav2(args.submission_questions)]
         assistant, chosen = load_assistant(args.model, tokenizer=args.tokenizer, template=args.template,
                                            device=args.device, precision=args.precision)  # fmt: skip
         result = evaluate_llava_bench(
@@ -92,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             max_samples=args.max_samples,
             out_dir=args.out,
+            submission_ids=submission_ids,
             progress=not (args.quiet or args.json),
             dataset_name=args.dataset_name,
             model_name=args.model_name,

@@ -26,6 +26,11 @@ LETTER_ANSWER = "Answer with the option's letter from the given choices directly
 LETTERS = "ABCDEFGHIJ"
 MMBENCH_CIRCULAR = 1_000_000  # MMBench's circular copies of question i have index i + k * 1e6
 POPE_SPLITS = ("adversarial", "popular", "random")
+# test-dev is a subset of test2015's questions and its images are test2015's (COCO_test2015_*.jpg)
+VQA_IMAGE_SUBTYPE = {"test-dev2015": "test2015"}
+# What pandas' read_table (LLaVA's MMBench reader) reads as NaN: an option spelled so ends the option list.
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                       "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})  # fmt: skip
 
 
 _THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
@@ -43,7 +48,7 @@ def sqa_letter(text: str, num_choices: int) -> str | None:
     else:
         found = _THE_ANSWER_IS.findall(text)
         letter = found[0] if len(found) == 1 else None
-    return letter if letter is not None and LETTERS.index(letter) < num_choices else None
+    return letter if letter is not None and letter in LETTERS[:num_choices] else None
 
 
 _LEADING_LETTER = re.compile(r"^\(?([A-J])(?:[.):]|$)")
@@ -59,7 +64,7 @@ def mmbench_letter(text: str, num_options: int) -> str | None:
     if letter is None:
         found = _THE_ANSWER_IS.findall(text + ".")
         letter = found[0] if len(found) == 1 else None
-    return letter if letter is not None and LETTERS.index(letter) < num_options else None
+    return letter if letter is not None and letter in LETTERS[:num_options] else None
 
 
 @dataclass
@@ -129,6 +134,7 @@ def read_vqav2(path: str | os.PathLike, annotations: str | os.PathLike | None = 
     data = _load_json(path, "VQAv2 questions")
     if isinstance(data, dict) and isinstance(data.get("questions"), list):
         subtype = str(data.get("data_subtype", ""))
+        subtype = VQA_IMAGE_SUBTYPE.get(subtype, subtype)
         rows = _records(data["questions"], path, ("question_id", "image_id", "question"), "VQAv2 questions")
         items = [BenchItem(int(r["question_id"]), _with_instruction(r["question"], SHORT_ANSWER),
                            f"COCO_{subtype}_{int(r['image_id']):012d}.jpg") for r in rows]  # fmt: skip
@@ -205,6 +211,9 @@ def sqa_prompt(question: str, choices: list[str], hint: str = "") -> str:
     return "\n".join(lines + [LETTER_ANSWER])
 
 
+_OPTION_LINE = re.compile(r"^[A-J]\. ", re.M)  # "A. choice" lines of a multiple-choice prompt
+
+
 def read_scienceqa(path: str | os.PathLike, split: str = "test") -> list[BenchItem]:
     """ScienceQA-IMG: the problems of ``split`` that have an image, from ScienceQA's ``problems.json`` +
     ``pid_splits.json`` (``path`` is their folder or ``problems.json``; images ``<pid>/image.png`` under
@@ -223,8 +232,10 @@ def read_scienceqa(path: str | os.PathLike, split: str = "test") -> list[BenchIt
                 continue  # IMG: image problems only
             if not (isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, dict) for t in turns[:2])):
                 raise _layout_error(problems_file, f"record {r['id']}: a human and a gpt turn")
-            letter = sqa_letter(str(turns[1].get("value", "")).strip(), len(LETTERS))
-            meta = {"subject": r.get("subject")}
+            question = str(turns[0].get("value", ""))
+            num_choices = len(_OPTION_LINE.findall(question)) or len(LETTERS)
+            letter = sqa_letter(str(turns[1].get("value", "")).strip(), num_choices)
+            meta = {"subject": r.get("subject"), "num_choices": num_choices}
             items.append(BenchItem(str(r["id"]), _with_instruction(turns[0].get("value", ""), LETTER_ANSWER),
                                    r["image"], None if letter is None else [letter], meta))  # fmt: skip
         return items
@@ -250,8 +261,7 @@ def read_scienceqa(path: str | os.PathLike, split: str = "test") -> list[BenchIt
 
 
 def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip().lower() in (
-        "", "nan", "none")  # fmt: skip
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() in PANDAS_NA
 
 
 def mmbench_prompt(question: str, options: list[str], hint: str | None = None) -> str:
@@ -307,7 +317,7 @@ def _rotations(item: BenchItem) -> list[BenchItem]:
         answers = None
         if item.answers:
             answers = [LETTERS[(LETTERS.index(item.answers[0]) - k) % len(options)]]
-        meta = {**item.meta, "index": item.question_id + k * MMBENCH_CIRCULAR, "options": rotated,
+        meta = {**item.meta, "index": item.question_id + k * MMBENCH_CIRCULAR, "options": rotated, "generated": True,
                 "row": {**item.meta["row"], **dict(zip("ABCD", rotated)), "answer": (answers or [""])[0]}}  # fmt: skip
         meta["row"]["index"] = str(meta["index"])
         prompt = mmbench_prompt(item.meta["question"], rotated, item.meta["hint"])
