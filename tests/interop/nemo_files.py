@@ -95,6 +95,9 @@ def rank_states(model, tp: int, pp: int = 1, mcore: bool = True) -> dict[tuple[i
                                "mlp.linear_fc2", "self_attention.core_attention"):  # fmt: skip
                         state[f"model.{p}{te}._extra_state"] = io.BytesIO(b"fp8 meta, never read")
                 else:
+                    if local == 0:  # legacy RotaryEmbedding's persistent buffer, on every stage
+                        half_head = cfg.hidden_size // cfg.num_attention_heads // 2
+                        put("language_model.rotary_pos_emb.inv_freq", torch.ones(half_head))
                     p = f"language_model.encoder.layers.{local}."
                     put(p + "input_layernorm.weight", m["norm1"])
                     put(p + "self_attention.query_key_value.weight", m["qkv"].chunk(tp)[r])

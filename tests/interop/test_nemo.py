@@ -15,7 +15,7 @@ import vlkit
 from vlkit.cli import main
 from vlkit.interop.files import ModelFormatError
 from vlkit.interop.native import detect_format
-from vlkit.interop.nemo import load_nemo, nemo_llm_config
+from vlkit.interop.nemo import llm_config_from_nemo, load_nemo, nemo_llm_config
 from vlkit.models import create_model
 
 
@@ -99,3 +99,22 @@ def test_refuses_unknown_tensor_names(tmp_path):
     path = _tar(tmp_path / "odd.nemo", {"model_config.yaml": b"num_layers: 1\n", "model_weights.ckpt": buf.getvalue()})
     with pytest.raises(ModelFormatError, match=r"odd\.nemo:model_weights\.ckpt: tensors of no known"):
         load_nemo(path)
+
+
+def test_config_rope_scaling_and_refusals():
+    base = {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 176, "num_attention_heads": 4,
+            "activation": "fast-swiglu", "normalization": "rmsnorm", "position_embedding_type": "rope"}  # fmt: skip
+    # LLaMA-3.1 files (NeMo's converter sets scale_positional_embedding by default): the llama3 scheme.
+    cfg = llm_config_from_nemo({**base, "mcore_gpt": True, "scale_positional_embedding": True})
+    assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    assert llm_config_from_nemo({**base, "seq_len_interpolation_factor": 4}).rope_scaling["factor"] == 4.0
+    assert llm_config_from_nemo({**base, "kv_channels": 16}).num_attention_heads == 4  # 16 * 4 = 64: fine
+    for extra, message in [
+        ({"kv_channels": 32}, "kv_channels=32"),
+        ({"megatron_legacy": True}, "megatron_legacy"),
+        ({"openai_gelu": True}, "openai_gelu"),
+        ({"scale_positional_embedding": True, "seq_len_interpolation_factor": 2, "mcore_gpt": True}, "both|only"),
+    ]:
+        with pytest.raises(ModelFormatError, match=message):
+            llm_config_from_nemo({**base, **extra})

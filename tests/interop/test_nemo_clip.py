@@ -76,7 +76,7 @@ def split(state: dict, tp: int, r: int) -> dict:
 
 def nemo_yaml(c) -> bytes:
     v, t = c.vision_config, c.text_config
-    act = {"quick_gelu": "quick-gelu"}[v.hidden_act]
+    act = {"quick_gelu": "approx-gelu"}[v.hidden_act]  # NeMo's name for x * sigmoid(1.702 x)
     cfg = {
         "mcore_gpt": True, "output_dim": c.projection_dim,
         "vision": {"patch_dim": v.patch_size, "img_h": v.image_size, "img_w": v.image_size, "num_layers":

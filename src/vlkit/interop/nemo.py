@@ -248,7 +248,12 @@ _GLOBAL = {
     "language_model.encoder.final_layernorm.weight": "final_norm",
     "output_layer.weight": "output",
     "language_model.output_layer.weight": "output",
+    # Legacy NeMo with pipeline stages and tied embeddings: the last stage's copy of the embedding (module.py's
+    # word_embeddings), loaded as an untied head equal to it.
+    "word_embeddings.weight": "output",
 }
+# Persistent buffers computed from the config (legacy RotaryEmbedding registers inv_freq): not weights.
+_DERIVED = ("rotary_pos_emb.inv_freq",)
 _LAYER = {
     "self_attention.linear_qkv.layer_norm_weight": "norm1",
     "input_layernorm.weight": "norm1",
@@ -292,6 +297,8 @@ def _roles(state: dict[str, torch.Tensor], where: str) -> dict[tuple[str, int], 
     out, unknown = {}, []
     for key, t in state.items():
         name = _strip(key)
+        if name.endswith(_DERIVED):
+            continue
         if name in _GLOBAL:
             out[(_GLOBAL[name], -1)] = t
             continue
@@ -394,7 +401,7 @@ def read_nemo_state(archive: NemoArchive, raw: tuple[str, Any] | None = None) ->
         layers = sorted({i for _, i in stage if i >= 0})
         for (role, i), t in stage.items():
             if i < 0 and (role, i) in merged:
-                continue  # the last stage repeats the embedding when it is tied
+                continue  # a global tensor that several stages hold (a copy): the first stage's
             merged[(role, i + offset if i >= 0 else i)] = t
         offset += len(layers)
     return merged
@@ -418,6 +425,15 @@ def llm_config_from_nemo(config: dict, vocab_size: int | None = None, where: str
             raise ModelFormatError(f"{where}: {key}={value!r}: vlkit's LLaMA needs {' or '.join(ok)}")
     if float(config.get("rotary_percentage", 1.0)) != 1.0:
         raise ModelFormatError(f"{where}: rotary_percentage={config['rotary_percentage']}: only 1.0 is supported")
+    if config.get("openai_gelu"):  # NeMo's activation_to_func lets it replace the SwiGLU gate's SiLU
+        raise ModelFormatError(f"{where}: openai_gelu=True: vlkit's LLaMA gates with SiLU")
+    if config.get("megatron_legacy") and not config.get("mcore_gpt"):
+        # Each rank's fused QKV rows are then [Q; K; V] blocks, not Megatron's per-group interleave.
+        raise ModelFormatError(f"{where}: megatron_legacy=True (the old fused QKV order) is not supported")
+    kv_channels = config.get("kv_channels")
+    if kv_channels and int(kv_channels) * heads != width:
+        raise ModelFormatError(f"{where}: kv_channels={kv_channels} with {heads} heads of a {width}-wide model: "
+                               "vlkit's LLaMA needs head size = hidden_size / num_attention_heads")  # fmt: skip
     kv = config.get("num_query_groups")
     factor = config.get("seq_len_interpolation_factor")
     seq = config.get("encoder_seq_length") or config.get("max_position_embeddings") or 4096
@@ -431,10 +447,24 @@ def llm_config_from_nemo(config: dict, vocab_size: int | None = None, where: str
         layernorm_epsilon=float(config.get("layernorm_epsilon", 1e-5)),
         encoder_seq_length=int(seq),
         rotary_base=float(config.get("rotary_base", 10000.0)),
-        rope_scaling={"rope_type": "linear", "factor": float(factor)} if factor else None,
+        rope_scaling=_rope_scaling(config, factor, where),
         share_embeddings_and_output_weights=bool(config.get("share_embeddings_and_output_weights", True)),
         bias=bool(config.get("bias", True)),
     )
+
+
+def _rope_scaling(config: dict, interpolation: Any, where: str) -> dict | None:
+    """NeMo's rotary scaling: ``scale_positional_embedding`` (Megatron-core models) is LLaMA-3.1's scheme (NeMo's
+    apply_rope_scaling: 8 / 1 / 4 / 8192); ``seq_len_interpolation_factor`` divides the positions."""
+    if config.get("scale_positional_embedding"):
+        if interpolation or not config.get("mcore_gpt"):
+            raise ModelFormatError(f"{where}: scale_positional_embedding is read for Megatron-core models without "
+                                   "seq_len_interpolation_factor only")  # fmt: skip
+        return {"rope_type": "llama3", "factor": float(config.get("scale_factor", 8.0)),
+                "low_freq_factor": float(config.get("low_freq_factor", 1.0)),
+                "high_freq_factor": float(config.get("high_freq_factor", 4.0)),
+                "original_max_position_embeddings": int(config.get("old_context_len", 8192))}  # fmt: skip
+    return {"rope_type": "linear", "factor": float(interpolation)} if interpolation else None
 
 
 def _vlkit_state(roles: dict[tuple[str, int], torch.Tensor], cfg: LLMConfig, where: str) -> dict[str, torch.Tensor]:

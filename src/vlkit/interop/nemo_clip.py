@@ -33,8 +33,9 @@ import torch
 
 from vlkit.interop.files import ModelFormatError
 
-_ACT = {"quick-gelu": "quick_gelu", "quick_gelu": "quick_gelu", "gelu": "gelu", "approx-gelu": "gelu_pytorch_tanh",
-        "erf-gelu": "gelu"}  # fmt: skip
+# NeMo's activation names (utils_funcs.activation_to_func): "approx-gelu" is its ApproxGELUActivation,
+# x * sigmoid(1.702 x), i.e. OpenAI CLIP's quick GELU (what NeMo's CLIP ViT-L/14 config uses); "gelu" is erf GELU.
+_ACT = {"gelu": "gelu", "approx-gelu": "quick_gelu"}
 _TOWERS = {"vision_encoder.": "vision_model.", "text_encoder.": "text_model."}
 _LAYER = {
     "self_attention.linear_qkv.layer_norm_weight": "layer_norm1.weight",
@@ -81,9 +82,9 @@ def _merge(states: list[dict[str, torch.Tensor]], where: str) -> dict[str, torch
         return states[0]
     out = {}
     for key in states[0]:
-        parts = [s[key] for s in states]
         if any(key not in s for s in states):
             raise ModelFormatError(f"{where}: {key} is missing from some tensor-parallel ranks")
+        parts = [s[key] for s in states]
         if key.endswith(_COLUMN):
             out[key] = torch.cat(parts, dim=0)
         elif key.endswith(_ROW):
@@ -101,13 +102,15 @@ def _hf_config(config: dict, text_vocab: int, where: str) -> dict:
         def tower(c: dict, name: str) -> dict:
             act = str(c.get("activation", "gelu"))
             if act not in _ACT:
-                raise ModelFormatError(f"{where}: {name}.activation={act!r} has no vlkit equivalent")
+                raise ModelFormatError(f"{where}: {name}.activation={act!r} has no vlkit equivalent "
+                                       "(gelu, approx-gelu)")  # fmt: skip
+            hidden_act = "gelu_pytorch_tanh" if c.get("openai_gelu") else _ACT[act]  # NeMo: openai_gelu wins
             return {
                 "hidden_size": int(c["hidden_size"]),
                 "intermediate_size": int(c["ffn_hidden_size"]),
                 "num_hidden_layers": int(c["num_layers"]),
                 "num_attention_heads": int(c["num_attention_heads"]),
-                "hidden_act": _ACT[act],
+                "hidden_act": hidden_act,
                 "layer_norm_eps": float(c.get("layernorm_epsilon", 1e-5)),
                 "attention_dropout": float(c.get("attention_dropout", 0.0)),
             }
