@@ -238,6 +238,8 @@ ERROR_CASES = {
                    "invalid_image_url"),
     "image over max pixels": ("/v1/classify", {"image": data_url(PNG_200), "labels": ["a", "b"]}, 400, "image",
                               "image_too_large"),
+    "a thin strip (resized, it would be huge)": ("/v1/classify", {"image": data_url(Image.new("RGB", (2000, 1))),
+                                                "labels": ["a"]}, 400, "image", "image_too_large"),  # fmt: skip
     "body over max mb": ("/v1/embeddings", {"input": "x" * 60_000}, 413, None, "request_too_large"),
     "model not served": ("/v1/embeddings", {"model": "gpt-4o", "input": "x"}, 404, "model", "model_not_found"),
     "chat to a clip model": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model",
@@ -319,6 +321,18 @@ def test_chat_errors(neva_server, vqa_dir):
     text = httpx.get(neva_server.url + "/metrics").text
     assert re.search(r"^vlkit_generated_tokens_total [1-9]", text, re.M)
     assert 'vlkit_queue_depth{queue="generation"} 0' in text
+
+
+def test_a_padding_model_refuses_an_image_whose_square_is_over_the_limit(neva_server, neva_served):
+    """LLaVA's pad mode makes the square canvas before resizing: 8000 x 1000 (8 M pixels) would become 64 M."""
+    wide = data_url(Image.new("RGB", (8000, 1000), "red"))
+    before, neva_served.aspect = neva_served.aspect, "pad"
+    try:
+        error = assert_error(post(neva_server, "/v1/chat/completions", chat([image_message(wide)])), 400,
+                             "messages[0].content[1].image_url.url", "image_too_large")  # fmt: skip
+        assert "8000x8000" in error["message"]
+    finally:
+        neva_served.aspect = before
 
 
 def test_a_client_that_hangs_up_frees_its_chat_row(neva_server, neva_served, vqa_dir):

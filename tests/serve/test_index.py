@@ -81,6 +81,73 @@ def test_a_killed_embed_resumes_to_the_same_index(kind, clip_run, encoder, val_f
     assert "already complete: 32 images" in capsys.readouterr().out
 
 
+class FakeEncoder:
+    """Every image to the same unit vector: the resume bookkeeping without a model."""
+
+    model_path, model_id, dim = "/models/fake", "fake", 4
+
+    def __init__(self, fail_at_call: int | None = None):
+        self.calls, self.fail_at_call = 0, fail_at_call
+
+    def transform(self, image):
+        return torch.zeros(3, 8, 8)
+
+    def embed_pixels(self, pixels):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise Killed
+        return torch.nn.functional.normalize(torch.ones(len(pixels), 4), dim=-1)
+
+
+def _shard(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import io
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _jpeg(size=(8, 8)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, "red").save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_a_run_killed_before_its_first_chunk_resumes(tmp_path):
+    from vlkit.serve.index_cli import check_out_dir, job_of
+
+    shard = _shard(tmp_path / "s.tar", [(f"{i:03d}.jpg", _jpeg()) for i in range(6)])
+    source = open_source("shards", str(shard))
+    with pytest.raises(Killed):
+        embed(FakeEncoder(fail_at_call=1), source, tmp_path / "idx", batch_size=4, progress=False)
+    assert check_out_dir(tmp_path / "idx", job_of(FakeEncoder.model_path, source), overwrite=False) == "resume"
+    assert embed(FakeEncoder(), source, tmp_path / "idx", batch_size=4, progress=False)["count"] == 6
+
+
+def test_skips_after_the_last_image_are_counted_once_across_a_resume(tmp_path):
+    # The last sample has no image: skipped after the last embedded one. A kill right after the final chunk (before
+    # the index is joined) must not count it again when the run resumes.
+    shard = _shard(tmp_path / "s.tar", [("000.jpg", _jpeg()), ("000.txt", b"red"), ("001.txt", b"no image"),
+                                        ("002.jpg", _jpeg((1, 400)))])  # fmt: skip
+    source = open_source("shards", str(shard))
+
+    def kill(chunks: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        embed(FakeEncoder(), source, tmp_path / "idx", progress=False, on_chunk=kill)
+    info = embed(FakeEncoder(), source, tmp_path / "idx", progress=False)
+    # 001 has no image; 002 is a 1 x 400 strip (one side over 20 times the other): refused, not resized.
+    assert info["count"] == 1 and info["skipped"] == {"no_image": 1, "too_large": 1}
+
+
 def test_folder_rows_carry_path_caption_and_image_bytes(clip_run, val_folder, tmp_path):
     assert _embed_cli(clip_run, "images", val_folder, tmp_path / "idx") == 0
     index = EmbeddingIndex.open(tmp_path / "idx")

@@ -23,6 +23,7 @@ REASONS = ("empty", "unidentified", "truncated", "corrupt", "too_large", "unsupp
 
 # Pillow's own default for Image.MAX_IMAGE_PIXELS (about 89.5 megapixels: a 9459 x 9459 image).
 DEFAULT_MAX_PIXELS = 89_478_485
+MAX_ASPECT = 20  # long side / short side of an image served or indexed (panoramas are ~4-10)
 
 # Formats decoded by default. Pillow identifies ~40 formats; some of them (EPS) shell out to Ghostscript on load and
 # others are rarely more than attack surface for data downloaded from the web, so untrusted bytes only reach these.
@@ -151,6 +152,15 @@ def decode_image(
     except MemoryError:
         raise ImageDecodeError("too_large", key, "out of memory while decoding") from None
     return img
+
+
+def aspect_problem(width: int, height: int) -> str | None:
+    """Why an image's shape is refused where it is served or indexed, or None: its sides may differ at most
+    :data:`MAX_ASPECT` times. A model's transform resizes the short side to its input size, so a 1 x 100 000 strip (a
+    few hundred bytes of PNG, far under any pixel limit) would become a 224 x 22 400 000 image."""
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"{width}x{height}: one side is more than {MAX_ASPECT} times the other"
+    return None
 
 
 def read_image(

@@ -287,6 +287,11 @@ async def _chat(rt: _Runtime, body: ChatRequest, request: Request) -> Response:
         raise ApiError(400, "n: only n=1 is supported", param="n", code="invalid_value")
     conv = conversation(body.messages)
     image = await _image(conv.image_url, rt.settings, conv.image_param) if conv.image_url else None
+    if image is not None and served.aspect == "pad" and max(image.size) ** 2 > rt.settings.max_image_pixels:
+        side = max(image.size)  # LLaVA's expand2square: the canvas is made before the resize
+        raise ApiError(400, f"the image is too large: this model pads {image.width}x{image.height} to a {side}x{side} "
+                       f"square, more than this server's --max-image-pixels ({rt.settings.max_image_pixels})",
+                       param=conv.image_param, code="image_too_large")  # fmt: skip
     max_tokens = body.max_completion_tokens or body.max_tokens
     job = ChatJob(conv.turns, image, conv.system, max_tokens or 1, body.temperature, body.top_p,
                   stop_strings(body.stop), body.seed)  # fmt: skip

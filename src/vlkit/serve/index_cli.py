@@ -249,11 +249,16 @@ class Chunks:
         return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
 
     def start(self, state: dict) -> None:
-        """Drop the files of a chunk that was being written when the last run stopped (not counted in progress)."""
+        """Drop the files of a chunk that was being written when the last run stopped (not counted in progress);
+        a new run writes its progress file at once, so that a run stopped before its first chunk resumes too."""
+        from vlkit.serve.index import write_json_atomic
+
         self.dir.mkdir(parents=True, exist_ok=True)
         for f in self.dir.glob("chunk-*"):
             if int(f.name.split("-")[1].split(".")[0]) >= state["chunks"]:
                 f.unlink()
+        if self.progress() is None:
+            write_json_atomic(self.dir / PROGRESS_FILE, state)
 
     def write(self, number: int, vectors: Any, metas: list[dict], state: dict) -> None:
         import numpy as np
@@ -303,7 +308,7 @@ def embed(
     import numpy as np
     import torch
 
-    from vlkit.data.images import ImageDecodeError
+    from vlkit.data.images import ImageDecodeError, aspect_problem
     from vlkit.eval.data import progress_bar
 
     out = Path(out)
@@ -320,9 +325,13 @@ def embed(
 
     def prepare(item: Item) -> Any:
         try:
-            return encoder.transform(item.load())
+            image = item.load()
         except ImageDecodeError as e:
             return e
+        problem = aspect_problem(image.width, image.height)
+        if problem is not None:  # the transform would blow it up (see aspect_problem)
+            return ImageDecodeError("too_large", str(item.meta.get("path") or item.meta.get("key")), problem)
+        return encoder.transform(image)
 
     def embed_pending(pool: ThreadPoolExecutor) -> None:
         nonlocal embedded_now
@@ -364,7 +373,9 @@ def embed(
         ThreadPoolExecutor(workers) as pool,
     ):
         bar.update(done_before)
+        last_cursor = state["cursor"]
         for item in source.items(state["cursor"]):
+            last_cursor = item.cursor
             if item.skip is not None:
                 skipped[item.skip] += 1
                 if not pending:  # nothing waits before it: the resume point moves past it
@@ -379,7 +390,9 @@ def embed(
                     flush()
         if pending:
             embed_pending(pool)
-        if buffer_metas or skipped != Counter(state["skipped"]):
+        moved = last_cursor != state["cursor"]
+        state["cursor"] = last_cursor  # past skipped items after the last embedded one, counted in this flush
+        if buffer_metas or skipped != Counter(state["skipped"]) or moved:
             flush()
     seconds = time.perf_counter() - started
     info = consolidate(out, chunks, state, encoder, source)

@@ -52,6 +52,7 @@ class ServedModel:
     encoder: Any = None  # vlkit.serve.encoder.ClipEncoder (clip)
     classifier: ClassifierModel | None = None
     index: Any = None  # vlkit.serve.index.EmbeddingIndex (clip, --index)
+    aspect: str | None = None  # neva: how images meet the tower (pad: onto a square canvas first)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -115,9 +116,9 @@ def load_served(
 
         if index is not None:
             raise UserError(f"--index {index}: an index serves a CLIP model; --model {path} is a NeVA")
-        assistant, _ = load_assistant(path, device=device, precision=precision)
+        assistant, chosen = load_assistant(path, device=device, precision=precision)
         engine = GenerationEngine(assistant, max_batch=max_batch, model_id=model_id)
-        return ServedModel(NEVA, model_id, resolved, engine=engine)
+        return ServedModel(NEVA, model_id, resolved, engine=engine, aspect=chosen["aspect"])
     model = load_model(resolve_model_path(os.fspath(path)), device=resolve_device(device))
     if is_clip(model):
         encoder = ClipEncoder(model, model_id=model_id, model_path=resolved, precision=precision)

@@ -150,16 +150,20 @@ def decode(data: bytes, policy: ImagePolicy, param: str, *, show_detail: bool = 
         ApiError: 400 for data that is no image (code ``invalid_image``) or an image over the pixel limit
             (``image_too_large``).
     """
-    from vlkit.data.images import ImageDecodeError, decode_image, to_rgb
+    from vlkit.data.images import ImageDecodeError, aspect_problem, decode_image, to_rgb
 
     try:
-        return to_rgb(decode_image(data, max_pixels=policy.max_pixels), key=param)
+        image = to_rgb(decode_image(data, max_pixels=policy.max_pixels), key=param)
     except ImageDecodeError as e:
         if e.reason == "too_large":
             raise ApiError(400, f"the image is too large: {e.detail} (this server's --max-image-pixels is "
                            f"{policy.max_pixels})", param=param, code="image_too_large") from None  # fmt: skip
         why = f"{e.reason}: {e.detail}" if show_detail else e.reason
         raise ApiError(400, f"the image cannot be decoded ({why})", param=param, code="invalid_image") from None
+    problem = aspect_problem(image.width, image.height)
+    if problem is not None:
+        raise ApiError(400, f"the image's shape is refused: {problem}", param=param, code="image_too_large")
+    return image
 
 
 def header_pixels(data: bytes) -> int:
