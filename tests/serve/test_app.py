@@ -129,7 +129,8 @@ def test_health_models_and_metrics(clip_server, clip_served):
         assert match, f"not Prometheus text: {line!r}"
         samples[match[1] + (match[2] or "")] = float(match[3])
     assert samples['vlkit_requests_total{endpoint="/v1/embeddings",status="200"}'] >= 1
-    assert samples['vlkit_errors_total{endpoint="/v1/embeddings",code="400"}'] >= 1
+    assert samples['vlkit_requests_total{endpoint="/v1/embeddings",status="400"}'] >= 1
+    assert samples['vlkit_errors_total{endpoint="/v1/embeddings",code="invalid_value"}'] >= 1  # the answer's code
     assert samples['vlkit_request_duration_seconds_count{endpoint="/v1/embeddings"}'] >= 2
     assert samples['vlkit_batch_size_count{queue="embed_text"}'] >= 1
     assert samples['vlkit_queue_depth{queue="embed_image"}'] == 0
@@ -167,6 +168,38 @@ def test_zero_shot_classify_with_clip(clip_server, clip_served, val_images):
     assert [d["score"] for d in got["data"]] == pytest.approx([p for _, p in expected], abs=1e-4)
     assert sum(d["score"] for d in got["data"]) == pytest.approx(1.0, abs=1e-5)
     assert_error(post(clip_server, "/v1/classify", {"image": data_url(image)}), 400, "labels")
+
+
+def test_zero_shot_rows_are_built_once_per_label(clip_served, val_images):
+    """Concurrent requests with the same new labels share one build; a label seen before, in any set and order, is
+    not built again; more labels than a slice are built in several forward-thread jobs."""
+    import asyncio
+
+    from vlkit.serve.app import LABEL_SLICE, _Runtime
+
+    rt = _Runtime(clip_served, Settings())
+    built: list[list[str]] = []
+    build = rt._build
+    rt._build = lambda labels: built.append(list(labels)) or build(labels)
+
+    async def scenario():
+        await rt.start()
+        try:
+            a, b = await asyncio.gather(rt.label_matrix(["red circle", "blue square"]),
+                                        rt.label_matrix(["blue square", "red circle"]))  # fmt: skip
+            c = await rt.label_matrix(["green triangle", "red circle"])
+            many = [f"shape {i}" for i in range(LABEL_SLICE + 3)]
+            await rt.label_matrix(many)
+            return a, b, c
+        finally:
+            await rt.close()
+
+    a, b, c = asyncio.run(scenario())
+    assert built[:2] == [["red circle", "blue square"], ["green triangle"]]
+    assert [len(x) for x in built[2:]] == [LABEL_SLICE, 3]
+    assert torch.equal(a, b.flip(0)) and torch.equal(c[1], a[0])
+    whole = build(["red circle", "blue square"])  # the rows do not depend on their company
+    assert torch.allclose(a, whole, atol=1e-6)
 
 
 def test_search_by_image_and_text_and_thumbnails(clip_server, val_images):
@@ -333,6 +366,26 @@ def test_a_padding_model_refuses_an_image_whose_square_is_over_the_limit(neva_se
         assert "8000x8000" in error["message"]
     finally:
         neva_served.aspect = before
+
+
+def test_a_stream_that_fails_says_so_without_internals_and_counts_an_error(neva_server, neva_served, vqa_dir, caplog):
+    def boom(module, args, output):
+        raise RuntimeError("secret internals at 0xdeadbeef")
+
+    url = data_url((vqa_dir / "images" / "val").glob("*.png").__next__().read_bytes())
+    hook = neva_served.engine.inner.register_forward_hook(boom)
+    try:
+        with caplog.at_level("ERROR", logger="vlkit.serve"):
+            response = post(neva_server, "/v1/chat/completions", chat([image_message(url)], stream=True))
+    finally:
+        hook.remove()
+    assert response.status_code == 200  # the headers went out before the failure
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    error = events[-1]["error"]
+    assert error["code"] == "generation_failed" and "RuntimeError" in error["message"]
+    assert "deadbeef" not in error["message"] and "deadbeef" in caplog.text  # in the log only
+    metrics = httpx.get(neva_server.url + "/metrics").text
+    assert 'vlkit_errors_total{endpoint="/v1/chat/completions",code="generation_failed"} 1' in metrics
 
 
 def test_a_client_that_hangs_up_frees_its_chat_row(neva_server, neva_served, vqa_dir):

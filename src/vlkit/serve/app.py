@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from starlette.routing import Match
 
 from vlkit.serve.batching import MicroBatcher
-from vlkit.serve.errors import ApiError, error_response, install_error_handlers
+from vlkit.serve.errors import ERROR_CODE, ApiError, error_response, install_error_handlers, log
 from vlkit.serve.metrics import Metrics
 from vlkit.serve.models import CLASSIFIER, CLIP, NEVA, ServedModel
 from vlkit.serve.requests import (
@@ -49,14 +49,17 @@ from vlkit.serve.requests import (
     load_image,
     stop_strings,
 )
+from vlkit.utils.errors import UserError
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_TOKENS = 128  # as `vlkit chat --max-new-tokens`; lowered to what the context leaves when not given
 ZEROSHOT_TEMPLATES = "openai"  # the prompt templates of `vlkit predict`, so both give the same probabilities
+CHAT_PATH = "/v1/chat/completions"
 INLINE_DECODE_CHARS = 64_000  # data URLs up to this length (a ~48 kB image, decoded in about a millisecond)
 INLINE_DECODE_PIXELS = 1_000_000  # ... unless it unpacks to more pixels (a flat 7000 x 7000 PNG is ~50 kB)
 RASTER_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
-LABEL_CACHE_SIZE = 32  # label sets whose zero-shot classifiers are kept
+LABEL_CACHE_LABELS = 10_000  # zero-shot labels whose classifier rows are kept (~30 MB at D = 768)
+LABEL_SLICE = 32  # labels per forward-thread job when building rows (32 x 80 prompts)
 OPEN_PATHS = ("/", "/health", "/static", "/favicon.ico")  # no API key needed: the page asks for it itself
 # This request's count of the forward passes it is waiting on (set per HTTP request by _Guard): a mutable cell, so the
 # tasks a request gathers (texts and images at once) share it.
@@ -90,7 +93,8 @@ class _Runtime:
         self.served, self.settings, self.metrics = served, settings, Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vlkit-forward")
         self.batchers: dict[str, MicroBatcher] = {}
-        self._labels: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._label_rows: OrderedDict[str, torch.Tensor] = OrderedDict()  # zero-shot classifier rows, LRU
+        self._building: dict[str, asyncio.Future] = {}  # label -> the job building its row
         self.in_flight = 0  # HTTP requests being handled
         self.waiting = 0  # of them, those waiting on a forward pass (they cannot add items to a batch any more)
 
@@ -161,16 +165,43 @@ class _Runtime:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     async def label_matrix(self, labels: list[str]) -> torch.Tensor:
-        """[L, D] zero-shot classifier of a label set (OpenAI's templates, as `vlkit predict`), cached."""
-        key = tuple(labels)
-        if key not in self._labels:
+        """[L, D] zero-shot classifier of ``labels`` (OpenAI's templates, as `vlkit predict`). Each label's row is
+        its own (the mean of its prompts' embeddings), so rows are cached per label whatever set they came in, built
+        once when requests ask for the same new label together, and built LABEL_SLICE labels per forward-thread job,
+        so that a request with many new labels does not hold the thread that every embedding waits on."""
+        rows: dict[str, torch.Tensor] = {}
+        jobs: dict[str, asyncio.Future] = {}
+        new: list[str] = []
+        for label in dict.fromkeys(labels):
+            if label in self._label_rows:
+                self._label_rows.move_to_end(label)
+                rows[label] = self._label_rows[label]
+            elif label in self._building:
+                jobs[label] = self._building[label]
+            else:
+                new.append(label)
+        for start in range(0, len(new), LABEL_SLICE):
+            part = new[start : start + LABEL_SLICE]
+            job = asyncio.ensure_future(self._build_rows(part))
+            for label in part:
+                self._building[label] = jobs[label] = job
+        if jobs:
             async with self.forward_wait():
-                self._labels[key] = await asyncio.get_running_loop().run_in_executor(self.executor, self._build,
-                                                                                     labels)  # fmt: skip
-            while len(self._labels) > LABEL_CACHE_SIZE:
-                self._labels.popitem(last=False)
-        self._labels.move_to_end(key)
-        return self._labels[key]
+                for label, job in jobs.items():
+                    rows[label] = (await asyncio.shield(job))[label]  # a client gone does not cancel shared work
+        return torch.stack([rows[label] for label in labels])
+
+    async def _build_rows(self, labels: list[str]) -> dict[str, torch.Tensor]:
+        try:
+            matrix = await asyncio.get_running_loop().run_in_executor(self.executor, self._build, labels)
+            built = dict(zip(labels, matrix, strict=True))
+            self._label_rows.update(built)
+            while len(self._label_rows) > LABEL_CACHE_LABELS:
+                self._label_rows.popitem(last=False)
+            return built
+        finally:
+            for label in labels:
+                self._building.pop(label, None)
 
     def _build(self, labels: list[str]) -> torch.Tensor:
         from vlkit.eval.templates import resolve_templates
@@ -234,7 +265,12 @@ async def _events(rt: _Runtime, stream: Any, base: dict, include_usage: bool) ->
                 if piece.finish_reason is not None:
                     yield _chunk(base, {}, piece.finish_reason)
         except Exception as e:  # noqa: BLE001 (headers are sent: the error goes in the stream, as OpenAI does)
-            error = {"message": str(e), "type": "server_error", "param": None, "code": "generation_failed"}
+            # The status (200) is counted already; the failure is logged and counted as an error of its own. Its
+            # text reaches the client only for a user's error: a bug's stays in the log, as for a 500.
+            log.exception("a streamed chat answer failed")
+            rt.metrics.error_in_stream(CHAT_PATH, "generation_failed")
+            message = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}); see the server log"
+            error = {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}
             yield f"data: {json.dumps({'error': error})}\n\n"
             finished = True
             return
@@ -416,8 +452,6 @@ async def _search(rt: _Runtime, body: SearchRequest) -> dict:
 
 
 def _index_image(rt: _Runtime, row: int) -> Response:
-    from vlkit.utils.errors import UserError
-
     if rt.served.index is None:
         raise ApiError(404, "this server has no index (start it with --index DIR)", code="no_index")
     try:
@@ -463,9 +497,18 @@ class _Guard:
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
                 started[0] = True
-                self.rt.metrics.request_done(endpoint, message["status"], time.perf_counter() - start)
+                self.rt.metrics.request_done(endpoint, message["status"], time.perf_counter() - start, code[0])
             await send(message)
 
+        code: list[str | None] = [None]  # set by error_response when the answer is an error
+        code_token = ERROR_CODE.set(code)
+        try:
+            await self._serve(scope, receive, send_status, started, endpoint, start)
+        finally:
+            ERROR_CODE.reset(code_token)
+
+    async def _serve(self, scope: dict, receive: Any, send_status: Any, started: list, endpoint: str,
+                     start: float) -> None:  # fmt: skip
         refusal = self._refusal(scope)
         if refusal is not None:
             return await refusal(scope, receive, send_status)
@@ -487,7 +530,7 @@ class _Guard:
             await self.app(scope, receive_limited, send_status)
         except Exception:  # a bug: Starlette's outer middleware answers 500; count it here, where metrics are
             if not started[0]:
-                self.rt.metrics.request_done(endpoint, 500, time.perf_counter() - start)
+                self.rt.metrics.request_done(endpoint, 500, time.perf_counter() - start, "internal_error")
             raise
         finally:
             _WAITS.reset(token)
@@ -540,7 +583,7 @@ def create_app(served: ServedModel, settings: Settings | None = None) -> FastAPI
     async def models() -> Response:
         return JSONResponse(_models(served))
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat(body: ChatRequest, request: Request) -> Response:
         return await _chat(rt, body, request)
 

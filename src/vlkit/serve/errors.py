@@ -7,6 +7,7 @@ logged with its traceback, and its body says no more than that (the traceback st
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
 from typing import Any
@@ -40,7 +41,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}  # fmt: skip
 
 
+# The error code of the request being answered, for /metrics: the app's request wrapper sets a fresh cell per request
+# and reads it when the response starts (exception handlers run in the request's task, so they see the cell).
+ERROR_CODE: contextvars.ContextVar[list[str | None] | None] = contextvars.ContextVar("vlkit_error_code", default=None)
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    cell = ERROR_CODE.get()
+    if cell is not None:
+        cell[0] = code
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 

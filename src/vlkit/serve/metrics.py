@@ -65,6 +65,11 @@ class Metrics:
             if status >= 400:
                 self.errors[endpoint, code or str(status)] += 1
 
+    def error_in_stream(self, endpoint: str, code: str) -> None:
+        """A streamed answer that failed after its 200 was sent: an error, not another request."""
+        with self._lock:
+            self.errors[endpoint, code] += 1
+
     def batch_done(self, queue: str, size: int) -> None:
         with self._lock:
             self.batch_sizes.observe(queue, size)

@@ -138,6 +138,7 @@ def _open_index(index: str | os.PathLike | None, encoder: Any, path: str | os.Pa
     from vlkit.serve.index import EmbeddingIndex
 
     opened = EmbeddingIndex.open(index)
+    opened.metas()  # read (and its row count checked) now, not by the first search on the event loop
     if opened.dim != encoder.dim:
         raise UserError(f"--index {index}: its vectors have {opened.dim} dimensions, --model {path} embeds into "
                         f"{encoder.dim}; build the index with this model (vlkit embed)")  # fmt: skip
