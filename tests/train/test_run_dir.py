@@ -119,6 +119,8 @@ def test_a_fresh_run_over_another_run_exits_2_and_overwrite_moves_it_aside(tmp_p
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # its own metrics, not appended to the old
 
 
+# Each line is one write (torchrun's ranks share the pipe, unbuffered: print's separate write of the newline let two
+# ranks' lines run together).
 WORKER = """
 import sys
 from vlkit.config import ConfigError, load_config
@@ -129,10 +131,11 @@ for out in sys.argv[1:]:
     cfg = load_config("clip-tiny", [f"trainer.output_dir={out}"])
     try:
         lock = claim_output_dir(cfg, info.rank, info.world_size)
-        print(f"rank {info.rank} claimed {out}: lock file {lock.path}", flush=True)
+        sys.stdout.write(f"rank {info.rank} claimed {out}: lock file {lock.path}\\n")
         lock.release()
     except ConfigError as e:
-        print(f"rank {info.rank} refused: {e}", flush=True)
+        sys.stdout.write(f"rank {info.rank} refused: {e}\\n")
+    sys.stdout.flush()
 cleanup()
 """
 
