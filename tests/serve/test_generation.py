@@ -142,6 +142,8 @@ def test_visible_text_holds_back_what_may_start_a_stop_string():
     assert visible_text("red #", stops) == "red"
     assert visible_text("a < b", stops) == "a < b"  # "<" followed by a space cannot become "</s>"
     assert visible_text("red \ufffd", stops) == "red"  # half a character
+    # The half character goes first: what precedes it may begin a stop string ("用" of "用户：").
+    assert visible_text("foo用\ufffd", ("用户：",)) == "foo"
 
 
 def test_length_finish_and_usage(assistant, engine):
@@ -234,3 +236,62 @@ def test_autocast_dtype_is_respected(assistant):
         stream = eng.submit(j)
         collect(stream)
     assert stream.text == reference(bf16, j).text
+
+
+def test_a_row_that_cannot_pick_fails_alone(assistant, monkeypatch):
+    engine = GenerationEngine(assistant)
+    pick = engine._pick
+
+    def failing(row):
+        if row.job.seed == 99:
+            raise RuntimeError("probability tensor contains nan")
+        return pick(row)
+
+    monkeypatch.setattr(engine, "_pick", failing)
+    bad = engine.submit(job("What shape is it?", COLOURS[2], max_tokens=8, temperature=1.0, seed=99))
+    good_job = job(**MIX[0])
+    good = engine.submit(good_job)  # queued before the loop runs: one batch with the failing row
+    with engine.start():
+        with pytest.raises(RuntimeError, match="nan"):
+            collect(bad)
+        collect(good)
+    assert good.text == reference(assistant, good_job).text
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(assistant, engine):
+    tiny = job("What colour is the shape?", COLOURS[0], max_tokens=6, temperature=1e-45, seed=1)
+    stream = engine.submit(tiny)
+    collect(stream)
+    assert stream.text == reference(assistant, job("What colour is the shape?", COLOURS[0], max_tokens=6)).text
+
+
+def test_a_newcomer_that_cannot_join_fails_alone(assistant, engine, monkeypatch):
+    set_batch, failed = engine._set_batch, []
+
+    def merge_fails_once(rows, parts):
+        if len(parts) > 1 and not failed:  # a merge of the running batch with a newcomer
+            failed.append(True)
+            raise torch.OutOfMemoryError("no room for the newcomer")
+        return set_batch(rows, parts)
+
+    decoding, submitted = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if args[0] is not None and not decoding.is_set():
+            decoding.set()
+            submitted.wait(timeout=30)
+
+    monkeypatch.setattr(engine, "_set_batch", merge_fails_once)
+    running_job = job("What shape is it?", COLOURS[2], max_tokens=24, temperature=1.0, seed=7)  # > 2 tokens
+    hook = assistant.inner.llm.register_forward_pre_hook(hold)
+    try:
+        running = engine.submit(running_job)
+        decoding.wait(timeout=30)
+        newcomer = engine.submit(job(**MIX[0]))
+        submitted.set()
+        with pytest.raises(torch.OutOfMemoryError):
+            collect(newcomer)
+        collect(running)
+    finally:
+        hook.remove()
+    assert failed and running.text == reference(assistant, running_job).text

@@ -37,6 +37,7 @@ from vlkit.utils.errors import UserError
 
 RECENT_STEPS = 256  # decode-step batch sizes kept for stats()
 CANCELLED = "cancelled"  # the finish reason of a cancelled stream (nobody reads it: its client is gone)
+MIN_TEMPERATURE = 1e-4  # a lower temperature samples as greedy does (dividing logits by 1e-45 overflows to inf)
 _REPLACEMENT = "\ufffd"  # what a byte-level tokenizer decodes an incomplete UTF-8 character to
 
 
@@ -169,6 +170,8 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 def visible_text(text: str, stops: tuple[str, ...]) -> str:
     """The part of a still-growing answer that is certain to be in the final (stripped) answer: no suffix that could
     begin a stop string, no trailing whitespace (stripped if nothing follows) nor incomplete character."""
+    # The incomplete character goes first: what comes before it may itself begin a stop string ("用" of "用户：").
+    text = text.rstrip(_REPLACEMENT)
     text = text[: len(text) - _held_back(text, stops)]
     return text.rstrip().rstrip(_REPLACEMENT).rstrip().lstrip()
 
@@ -373,6 +376,18 @@ class GenerationEngine:
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:  # the thread died (a BaseException): refuse new work and end what waits, instead of hanging it
+            with self._wake:
+                died, self._closed = not self._closed, True
+            if died:
+                error = EngineClosed("the generation engine stopped after an internal error (see the server log)")
+                for request in [*self._waiting, *(row.request for row in self._rows)]:
+                    request.stream._put(error)
+                self._waiting.clear()
+
+    def _serve(self) -> None:
         from vlkit.eval.runtime import autocast, register_forward_methods
 
         register_forward_methods(self.inner, ["prepare_inputs_embeds"])
@@ -382,6 +397,9 @@ class GenerationEngine:
                     self._wake.wait()
                 if self._closed:
                     return
+                for request in [r for r in self._waiting if r.stream.cancelled]:  # gone before it got a row
+                    self._waiting.remove(request)
+                    request.stream._put(Chunk("", CANCELLED))
                 room = self.max_batch - len(self._rows)
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             with torch.no_grad(), autocast(self.device, self.assistant.dtype):
@@ -415,10 +433,9 @@ class GenerationEngine:
             rows, parts = [*self._rows, *rows], [(_cache_tensors(self._cache), self._mask), *parts]
         try:
             self._set_batch(rows, parts)
-        except Exception as e:
-            for row in joining:  # not in the batch yet: the loop's handler would not reach them
+        except Exception as e:  # noqa: BLE001 - the newcomers fail; the running batch is untouched and goes on
+            for row in joining:
                 row.stream._put(e)
-            raise
 
     def _prefill(self, request: _Request) -> tuple[_Row, Any, torch.Tensor]:
         """The request's spliced prompt through the model, as Assistant.answer runs it: (row, cache, mask)."""
@@ -429,7 +446,7 @@ class GenerationEngine:
         cache = self.inner.new_kv_cache(s.inputs_embeds.shape[1] + job.max_tokens)
         logits = self.inner(inputs_embeds=s.inputs_embeds, kv_cache=cache, logits_to_keep=1)[0, -1]
         generator = None
-        if job.temperature > 0:  # a generator per row: a seeded answer does not depend on its batch-mates
+        if job.temperature >= MIN_TEMPERATURE:  # a generator per row: a seeded answer does not depend on its mates
             generator = torch.Generator(device=self.device)
             if job.seed is None:
                 generator.seed()
@@ -450,7 +467,7 @@ class GenerationEngine:
         from vlkit.models.generate import process_logits
 
         job = row.job
-        sampling = job.temperature > 0
+        sampling = job.temperature >= MIN_TEMPERATURE
         scores = process_logits(
             row.logits[None].float(),
             torch.zeros(1, 0, dtype=torch.long, device=self.device),  # no repetition penalty: no history needed
@@ -476,7 +493,11 @@ class GenerationEngine:
                 row.stream._finish(row.sent, CANCELLED, len(row.tokens))
                 row.stream._put(Chunk("", CANCELLED))
                 continue
-            token = self._pick(row)
+            try:
+                token = self._pick(row)
+            except Exception as e:  # noqa: BLE001 - this row's logits or settings: it fails alone and leaves
+                row.stream._put(e)
+                continue
             row.tokens.append(token)
             self._generated += 1
             reason = None
