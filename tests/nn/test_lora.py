@@ -95,6 +95,49 @@ def test_lora_config_checks():
     with pytest.raises(ConfigError, match="LoRA adapts model.arch=neva"):
         load_config("llama-tiny", ["model.peft.lora.rank=4"])
     assert load_config("llama-tiny", ["model.peft.lora.rank=0"])  # off: nothing to check
+    # The default targets are every attention and MLP projection of the towers a bare name applies to.
+    from vlkit.config.validate import lora_targets
+
+    assert lora_targets(load_config("neva-tiny", ["model.peft.lora.rank=4"]).model) == ["qkv", "proj", "gate", "up",
+                                                                                        "down"]  # fmt: skip
+    assert lora_targets(load_config("clip-tiny", ["model.peft.lora.rank=4"]).model) == ["qkv", "proj", "fc1", "fc2"]
+    # A locked tower is not also adapted (LoRA would re-freeze its unlocked blocks, eval mode silence the dropout).
+    with pytest.raises(ConfigError, match="adapts visual and model.lock_image=true locks it"):
+        load_config("clip-tiny", ["model.peft.lora.rank=4", "model.lock_image=true"])
+    assert load_config("clip-tiny", ["model.peft.lora.rank=4", "model.lock_image=true",
+                                     "model.peft.lora.target_modules=[text.qkv]"])  # fmt: skip
+
+
+def test_adapters_of_a_half_precision_base_train_in_fp32_and_merge_into_its_dtype():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = LoRALinear.wrap(base, rank=4, alpha=8)
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    out = layer(x)  # no autocast: the bf16 input meets fp32 adapters
+    assert out.dtype == torch.bfloat16
+    update = (x.float() @ layer.lora_A.T @ layer.lora_B.T) * 2
+    expected = x.float() @ layer.weight.float().T + layer.bias.float() + update
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.weight.grad is not None  # (base frozen by the task)
+    merged = merge_lora_state_dict({f"l.{k}": v.detach() for k, v in layer.state_dict().items()}, {"l": 2.0})
+    assert merged["l.weight"].dtype == torch.bfloat16
+
+
+def test_the_memory_check_counts_adapters_not_the_frozen_base():
+    from vlkit.train.preflight import _freeze_as_the_task_will
+    from vlkit.utils.memory import build_on_meta
+
+    def trainable(overrides):
+        cfg = load_config("clip-tiny", overrides)
+        model = build_on_meta(lambda: create_model(cfg), cfg.model, prefix="model")
+        _freeze_as_the_task_will(model, cfg)
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    full, lora = trainable([]), trainable(["model.peft.lora.rank=4"])
+    assert lora < full / 50  # adapters (and the logit scale), not the 3.4 M base
 
 
 def test_the_clip_task_adapts_both_towers_and_keeps_the_logit_scale_trainable():

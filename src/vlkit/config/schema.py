@@ -171,7 +171,9 @@ class LoRAConfig:
     dropout: float = 0.0  # on the adapter's input
     # Projections by vlkit's names: qkv (fused), proj, gate / up / down (SwiGLU), fc1 / fc2 (GELU MLP). A bare name
     # applies to the LLM (NeVA) or to both towers (CLIP); "<tower>.<name>" to that tower (vision_tower.qkv, text.fc1).
-    target_modules: list[str] = field(default_factory=lambda: ["qkv", "proj", "gate", "up", "down"])
+    # None: every attention and MLP projection there (NeVA's LLaMA: qkv, proj, gate, up, down; CLIP: qkv, proj, fc1,
+    # fc2); see vlkit.config.validate.lora_targets.
+    target_modules: list[str] | None = None
 
 
 @dataclass

@@ -157,6 +157,21 @@ def _lora_tower_names(m: ModelConfig, tower: str) -> tuple[str, ...]:
     return LORA_ATTENTION + LORA_MLP[cfg is not None and cfg.activation == "swiglu"]
 
 
+def lora_targets(m: ModelConfig) -> list[str]:
+    """``model.peft.lora.target_modules``, or when it is None every attention and MLP projection of the towers a bare
+    name applies to (NeVA: its LLM; CLIP: both towers)."""
+    lora = m.peft.lora
+    if lora.target_modules is not None:
+        return list(lora.target_modules)
+    default = LORA_TOWERS.get(m.arch, (("llm",), ()))[0]
+    return list(dict.fromkeys(n for tower in default for n in _lora_tower_names(m, tower)))
+
+
+def _adapted_towers(m: ModelConfig) -> set[str]:
+    default, _ = LORA_TOWERS[m.arch]
+    return {t for target in lora_targets(m) for t in ((target.rpartition(".")[0],) if "." in target else default)}
+
+
 def _check_lora(p: list[str], m: ModelConfig) -> None:
     """``model.peft.lora``: sizes, and every target a projection of its tower (with the nearest valid name)."""
     import difflib
@@ -173,10 +188,11 @@ def _check_lora(p: list[str], m: ModelConfig) -> None:
         return
     _positive(p, f"{key}.alpha", lora.alpha)
     _rate(p, f"{key}.dropout", lora.dropout)
-    if not lora.target_modules:
+    if lora.target_modules is not None and not lora.target_modules:
         p.append(f"{key}.target_modules is empty: name the projections to adapt ({', '.join(LORA_ATTENTION)}, ...)")
     default, others = LORA_TOWERS[m.arch]
-    for target in lora.target_modules:
+    problems_before = len(p)
+    for target in lora_targets(m):
         tower, _, name = str(target).rpartition(".")
         if tower and tower not in default + others:
             close = difflib.get_close_matches(tower, default + others, n=1, cutoff=0.0)
@@ -192,6 +208,14 @@ def _check_lora(p: list[str], m: ModelConfig) -> None:
         nearest = f"{tower}.{close[0]}" if tower else close[0]
         p.append(f"{key}.target_modules: {target!r} is not a projection of {where}; did you mean {nearest!r}? "
                  f"(valid: {', '.join(valid)})")  # fmt: skip
+    if m.arch == "clip" and len(p) == problems_before:  # the targets are valid: which towers they adapt is known
+        # A lock's unlocked blocks would be frozen again by LoRA, and its eval mode would switch the adapters'
+        # dropout off: one of the two decides what trains in a tower.
+        for lock, tower in (("lock_image", "visual"), ("lock_text", "text")):
+            if getattr(m, lock) and tower in _adapted_towers(m):
+                p.append(f"{key} adapts {tower} and model.{lock}=true locks it: choose one (LoRA already freezes "
+                         f"the base of the towers it adapts; to adapt only the other tower, name it in "
+                         f"target_modules, e.g. [{'text' if tower == 'visual' else 'visual'}.qkv, ...])")  # fmt: skip
 
 
 def _check_neva(p: list[str], m: ModelConfig) -> None:

@@ -44,10 +44,13 @@ class LoRALinear(nn.Linear):
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         w = linear.weight
+        # Adapters train in fp32 beside a half-precision base (as peft): a bf16 lora_A would round away most
+        # updates of LoRA's small learning rates (and there is no fp32 master copy of a parameter).
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         linear.__class__ = cls
         linear.rank, linear.scaling = int(rank), float(alpha) / rank
-        linear.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=w.dtype))
-        linear.lora_B = nn.Parameter(torch.empty(linear.out_features, rank, device=w.device, dtype=w.dtype))
+        linear.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=dtype))
+        linear.lora_B = nn.Parameter(torch.empty(linear.out_features, rank, device=w.device, dtype=dtype))
         linear.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         linear.reset_lora()
         return linear
@@ -61,8 +64,11 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return out + update * self.scaling
+        h = self.lora_dropout(x)
+        if h.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.lora_A.dtype)  # a half-precision input to the fp32 adapters (autocast casts by itself)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return out + update.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` [out, in]: what merging adds to the base weight."""
@@ -70,8 +76,8 @@ class LoRALinear(nn.Linear):
 
     def merge(self) -> nn.Linear:
         """Fold the update into the base weight and become a plain ``nn.Linear`` again (in place); returns self."""
-        with torch.no_grad():
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        with torch.no_grad():  # in fp32, then rounded once to the base's dtype
+            self.weight.copy_((self.weight.float() + self.delta_weight().float()).to(self.weight.dtype))
         for name in ("lora_A", "lora_B"):
             delattr(self, name)
         del self.lora_dropout, self.rank, self.scaling

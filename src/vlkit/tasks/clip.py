@@ -32,6 +32,20 @@ def _lock(module: nn.Module, blocks: nn.ModuleList, unlocked: int, keep_trainabl
     return [b for b in blocks[: len(blocks) - unlocked]]
 
 
+def apply_clip_lora(model: nn.Module, m: Any) -> None:
+    """``model.peft.lora`` (rank > 0) on a CLIP: adapters on the named projections (bare names: both towers), each
+    adapted tower's base frozen. (A locked tower is never adapted: the config refuses both on one tower.)"""
+    lora = m.peft.lora if m.peft is not None else None
+    if lora is None or not lora.rank:
+        return
+    from vlkit.config.validate import lora_targets
+    from vlkit.nn.lora import apply_lora, mark_only_lora_trainable
+
+    wrapped = apply_lora(model, lora_targets(m), lora.rank, lora.alpha, lora.dropout, default_towers=("visual", "text"))
+    for tower in sorted({name.split(".", 1)[0] for name in wrapped}):
+        mark_only_lora_trainable(getattr(model, tower))
+
+
 class CLIPTask(Task):
     name = "clip"
     supports_gradient_cache = True
@@ -60,14 +74,7 @@ class CLIPTask(Task):
             head = [x for x in (t.norm, t.proj) if x is not None]
             frozen += _lock(t, t.transformer.blocks, m.lock_text_unlocked_layers, head)
         self.frozen = frozen
-        lora = m.peft.lora if m.peft is not None else None
-        if lora is not None and lora.rank:  # after the locks: an adapted tower's base is frozen, its adapters train
-            from vlkit.nn.lora import apply_lora, mark_only_lora_trainable
-
-            wrapped = apply_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout,
-                                 default_towers=("visual", "text"))  # fmt: skip
-            for tower in sorted({name.split(".", 1)[0] for name in wrapped}):
-                mark_only_lora_trainable(getattr(model, tower))
+        apply_clip_lora(model, m)
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()

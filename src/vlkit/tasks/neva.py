@@ -343,6 +343,7 @@ def apply_neva_lora(model: NevaModel, model_cfg: Any) -> list[str]:
     """``model.peft.lora`` (rank > 0): adapters on the named projections (bare names: the LLM's), every base weight
     of an adapted part frozen and the part kept in train mode (the adapters' dropout); the projector (and the
     start/end embeddings) train as always, the vision tower unless ``mm_cfg`` freezes it. Returns notes."""
+    from vlkit.config.validate import lora_targets
     from vlkit.nn.lora import apply_lora, mark_only_lora_trainable
 
     peft = getattr(model_cfg, "peft", None)
@@ -350,7 +351,8 @@ def apply_neva_lora(model: NevaModel, model_cfg: Any) -> list[str]:
     if lora is None or not lora.rank:
         return []
     try:
-        wrapped = apply_lora(model, lora.target_modules, lora.rank, lora.alpha, lora.dropout, default_towers=("llm",))
+        targets = lora_targets(model_cfg)
+        wrapped = apply_lora(model, targets, lora.rank, lora.alpha, lora.dropout, default_towers=("llm",))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     parts = sorted({name.split(".", 1)[0] for name in wrapped})

@@ -143,6 +143,15 @@ def _freeze_as_the_task_will(model: Any, cfg: Any) -> None:
     for module in frozen:
         for p in module.parameters():
             p.requires_grad_(False)
+    # LoRA: the adapted parts' bases frozen and their adapters trainable, by the tasks' own functions (on meta).
+    if m.arch == "neva":
+        from vlkit.tasks.neva import apply_neva_lora
+
+        apply_neva_lora(model, m)
+    elif m.arch == "clip":
+        from vlkit.tasks.clip import apply_clip_lora
+
+        apply_clip_lora(model, m)
 
 
 def check_training_memory(cfg: Any) -> None:
