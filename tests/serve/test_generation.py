@@ -295,3 +295,36 @@ def test_a_newcomer_that_cannot_join_fails_alone(assistant, engine, monkeypatch)
     finally:
         hook.remove()
     assert failed and running.text == reference(assistant, running_job).text
+
+
+def test_the_batch_cache_holds_room_until_the_next_change_only(assistant, monkeypatch):
+    """A long answer beside a short one: room for the short one's tokens (when it leaves, the batch is repacked),
+    not for the long one's whole answer in every row; the answers are unchanged."""
+    engine = GenerationEngine(assistant)
+    set_batch, room = engine._set_batch, []
+
+    def recording(rows, parts):
+        set_batch(rows, parts)
+        remaining = [r.job.max_tokens - len(r.tokens) for r in rows]
+        room.append((engine._cache.layers[0].k.shape[2] - engine._mask.shape[1], remaining))
+
+    monkeypatch.setattr(engine, "_set_batch", recording)
+    jobs = [job("What shape is it?", COLOURS[2], max_tokens=24, temperature=1.0, seed=7), job(**MIX[0])]
+    streams = [engine.submit(j) for j in jobs]  # queued before the loop runs: one batch
+    with engine.start():
+        for s in streams:
+            collect(s)
+    assert room[0] == (min(room[0][1]), room[0][1]) and len(room[0][1]) == 2
+    assert [s.text for s in streams] == [reference(assistant, j).text for j in jobs]
+
+
+def test_a_text_only_request_does_not_run_the_vision_tower(assistant, engine):
+    calls = []
+    hook = assistant.inner.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        text_job = job(**MIX[2])  # "Hi", no image
+        stream = engine.submit(text_job)
+        collect(stream)
+    finally:
+        hook.remove()
+    assert calls == [] and stream.text == reference(assistant, text_job).text

@@ -441,9 +441,11 @@ class GenerationEngine:
         """The request's spliced prompt through the model, as Assistant.answer runs it: (row, cache, mask)."""
         job = request.job
         ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
-        s = self.inner.prepare_inputs_embeds(ids, request.pixels.to(self.device), torch.ones_like(ids),
-                                             padding_side="left")  # fmt: skip
-        cache = self.inner.new_kv_cache(s.inputs_embeds.shape[1] + job.max_tokens)
+        # No image, no vision tower: the engine runs alone (no DDP peer needs the dummy image Assistant.answer encodes,
+        # whose features only enter as + 0 * sum).
+        pixels = request.pixels.to(self.device) if request.job.image is not None else None
+        s = self.inner.prepare_inputs_embeds(ids, pixels, torch.ones_like(ids), padding_side="left")
+        cache = self.inner.new_kv_cache(s.inputs_embeds.shape[1])  # the prompt only: it is repacked into the batch
         logits = self.inner(inputs_embeds=s.inputs_embeds, kv_cache=cache, logits_to_keep=1)[0, -1]
         generator = None
         if job.temperature >= MIN_TEMPERATURE:  # a generator per row: a seeded answer does not depend on its mates
@@ -456,8 +458,9 @@ class GenerationEngine:
         return _Row(request, stops, generator, logits), cache, s.attention_mask.long()
 
     def _set_batch(self, rows: list[_Row], parts) -> None:
-        # Room for every row's remaining tokens: the cache grows by one position per decode step.
-        spare = max(row.job.max_tokens - len(row.tokens) for row in rows)
+        # Room until the batch changes: the cache grows by one position per decode step, and the row with the fewest
+        # tokens left leaves (a repack, sized anew) after at most that many steps; so do joins and early ends.
+        spare = min(row.job.max_tokens - len(row.tokens) for row in rows)
         layers, mask = _repack(parts, spare)
         self._cache = _make_cache(self.inner, layers, mask.shape[1])
         self._mask, self._rows = mask, rows
