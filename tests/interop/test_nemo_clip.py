@@ -112,10 +112,19 @@ def hf(tmp_path_factory):
     return model, load_hf(path).eval()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_tensor_parallel_ranks_give_the_hf_features(tmp_path, hf, tp):
+LOCAL_NORMS = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+}
+
+
+@pytest.mark.parametrize("tp, te", [(1, True), (2, True), (2, False)])
+def test_tensor_parallel_ranks_give_the_hf_features(tmp_path, hf, tp, te):
     model, reference = hf
     state = nemo_state(model.state_dict(), model.config)
+    if not te:  # Megatron-core's local layers: the norms are modules of their own
+        for fused, local in LOCAL_NORMS.items():
+            state = {k.replace(fused, local): v for k, v in state.items()}
     files = {"model_config.yaml": nemo_yaml(model.config)}
     for r in range(tp):
         files["model_weights.ckpt" if tp == 1 else f"mp_rank_{r:02d}/model_weights.ckpt"] = saved(split(state, tp, r))

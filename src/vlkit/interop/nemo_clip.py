@@ -44,6 +44,11 @@ _LAYER = {
     "self_attention.linear_proj.bias": "self_attn.out_proj.bias",
     "mlp.linear_fc1.layer_norm_weight": "layer_norm2.weight",
     "mlp.linear_fc1.layer_norm_bias": "layer_norm2.bias",
+    # Megatron-core's local (non-Transformer-Engine) layers keep the norms as modules of their own.
+    "input_layernorm.weight": "layer_norm1.weight",
+    "input_layernorm.bias": "layer_norm1.bias",
+    "pre_mlp_layernorm.weight": "layer_norm2.weight",
+    "pre_mlp_layernorm.bias": "layer_norm2.bias",
     "mlp.linear_fc1.weight": "mlp.fc1.weight",
     "mlp.linear_fc1.bias": "mlp.fc1.bias",
     "mlp.linear_fc2.weight": "mlp.fc2.weight",
