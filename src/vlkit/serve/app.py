@@ -493,6 +493,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         start, started = time.perf_counter(), [False]
         endpoint = self._endpoint(scope)
+        code: list[str | None] = [None]  # set by error_response when the answer is an error
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -500,7 +501,6 @@ class _Guard:
                 self.rt.metrics.request_done(endpoint, message["status"], time.perf_counter() - start, code[0])
             await send(message)
 
-        code: list[str | None] = [None]  # set by error_response when the answer is an error
         code_token = ERROR_CODE.set(code)
         try:
             await self._serve(scope, receive, send_status, started, endpoint, start)
