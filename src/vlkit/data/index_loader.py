@@ -140,7 +140,11 @@ class IndexLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current epoch (from the restored position), then the epoch advances."""
-        numbered = self._numbered_batches(self.epoch)[self.position :]
+        numbered = self._numbered_batches(self.epoch)
+        if self.position >= len(numbered):  # saved right after the epoch's last batch, before it advanced
+            self.epoch, self.position = self.epoch + 1, 0
+            numbered = self._numbered_batches(self.epoch)
+        numbered = numbered[self.position :]
         loader = DataLoader(
             _EpochSamples(self.dataset, self.sample, self.epoch),
             batch_sampler=[indices for _, indices in numbered],
@@ -173,7 +177,11 @@ class IndexLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position; refuses one saved with another seed, dataset size, batch size or world
-        size (the batch order would differ), or by another version of this loader."""
+        size (the batch order would differ), or by another version of this loader. A state without a version is the
+        ImageFolder loader's from before this class (the same batch order; its batch size is the config's, which
+        resuming checks)."""
+        if "version" not in state and {"seed", "world_size", "num_samples"} <= set(state):
+            state = {**state, "version": STATE_VERSION, "batch_size": self.batch_size}
         for key, mine in self.state_dict().items():
             if key not in ("epoch", "position") and state.get(key) != mine:
                 saved = state.get(key)

@@ -128,6 +128,19 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype |
     fully_shard(model, **kwargs)
 
 
+def reshard_fsdp(model: nn.Module) -> None:
+    """Every FSDP2 module's parameters back to their shards. A forward pass without ``reshard_after_forward`` (and
+    any forward on torch < 2.8 for the root module) leaves the full weights registered as the parameters until the
+    next backward; code that reads or writes parameters outside a training step (the weight EMA) needs the shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def parallelize(
     model: nn.Module, cfg: Config, mesh: DeviceMesh | None, device: torch.device
 ) -> tuple[nn.Module, ParallelPlan]:

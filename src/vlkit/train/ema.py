@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from vlkit.parallel.parallelize import reshard_fsdp
 from vlkit.train.optim import strip_wrappers
 
 
@@ -28,7 +29,8 @@ def _inner(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Clean name -> parameter, for the parameters that require grad."""
+    """Clean name -> parameter, for the parameters that require grad (FSDP2's as shards, like the average's)."""
+    reshard_fsdp(_inner(model))
     return {strip_wrappers(n): p for n, p in _inner(model).named_parameters() if p.requires_grad}
 
 
@@ -78,6 +80,7 @@ class ModelEma:
         try:
             yield model
         finally:
+            reshard_fsdp(_inner(model))  # a forward inside may have gathered the average: drop that copy first
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(saved[name])

@@ -413,13 +413,15 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def _batches(self):
-        """Batches forever, epoch after epoch (a loader iterates one epoch at a time)."""
+        """Batches forever, epoch after epoch (a loader iterates one epoch at a time). One empty pass is the rest of
+        an epoch that a checkpoint saved right after its last batch; two in a row mean the data yields nothing."""
+        empty_passes = 0
         while True:
-            empty = True
+            empty_passes += 1
             for batch in self.loader:
-                empty = False
+                empty_passes = 0
                 yield batch
-            if empty:
+            if empty_passes == 2:
                 raise RuntimeError("the training data yielded no batch: check data.train_path and the batch size")
 
     def _say(self, line: str) -> None:
