@@ -57,6 +57,18 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000004"]
 
 
+def test_a_finished_run_that_died_before_its_exports_writes_them_on_resume(tmp_path, capsys):
+    import shutil
+
+    make(tmp_path / "run", "trainer.ema_decay=0.5").fit()
+    ema = (tmp_path / "run" / "model_ema" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run" / "model")
+    shutil.rmtree(tmp_path / "run" / "model_ema")
+    make(tmp_path / "run", "trainer.ema_decay=0.5", "trainer.checkpoint.resume=latest").fit()
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "model_ema" / "model.safetensors").read_bytes() == ema  # the checkpoint's average
+
+
 def test_quiet_prints_nothing_and_warmup_longer_than_the_run_warns(tmp_path, capsys):
     trainer = make(tmp_path / "run", "schedule.name=cosine", "schedule.warmup_steps=10")
     trainer.quiet = True

@@ -85,12 +85,15 @@ class ModelEma:
                 for name, p in params.items():
                     p.copy_(saved[name])
 
-    def state_dict(self) -> dict:
-        """``{"decay", "updates", "params": {name: CPU tensor}}``; sharded tensors are gathered (collective)."""
+    def state_dict(self, keep: bool = True) -> dict:
+        """``{"decay", "updates", "params": {name: CPU tensor}}``; sharded tensors are gathered (collective).
+        ``keep=False`` (the ranks whose copy is not written) joins the gathers but keeps no tensor: a whole model's
+        average on every rank's host memory at each checkpoint would be one model copy per rank."""
         tensors = {}
         for name, t in self.shadow.items():
             full = t.full_tensor() if _is_dtensor(t) else t
-            tensors[name] = full.detach().cpu()
+            if keep:
+                tensors[name] = full.detach().cpu()
         return {"decay": self.decay, "updates": self.updates, "params": tensors}
 
     @torch.no_grad()

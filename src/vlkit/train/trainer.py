@@ -143,7 +143,8 @@ class Trainer:
         task_state = self.task.state_dict()
         if task_state:
             state["task"] = task_state
-        ema_state = self.ema.state_dict() if self.ema is not None else self._ema_state  # collective when sharded
+        # Collective when sharded; the checkpoint writes rank 0's copy alone.
+        ema_state = self.ema.state_dict(keep=self.dist.is_main) if self.ema is not None else self._ema_state
         if ema_state is not None:
             state["ema"] = ema_state
         if self.scaler.enabled:  # fp16's dynamic loss scale: a resumed run goes on with the scale it had
@@ -549,6 +550,12 @@ class Trainer:
             model_path = self.out_dir / RUN_MODEL_DIR
             if self.cfg.trainer.save_model and not (model_path / "config.json").is_file():
                 self.export_model()  # collective: every rank takes this branch alike (the step is the checkpoint's)
+            decay = self.cfg.trainer.ema_decay
+            if decay is not None and self._ema_state is not None and not (self.out_dir / EMA_MODEL_DIR).is_dir():
+                self.ema = ModelEma(self.model, decay)  # the checkpoint's average, exported as the last step does
+                self.ema.load_state_dict(self._ema_state)
+                self._ema_state = None
+                self.export_ema()
         finally:
             self.run_lock.release()
         self._say(
