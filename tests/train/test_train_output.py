@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlkit.config import load_config
 from vlkit.train import trainer as trainer_module
@@ -60,13 +61,33 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path, capsys):
 def test_a_finished_run_that_died_before_its_exports_writes_them_on_resume(tmp_path, capsys):
     import shutil
 
+    from safetensors.torch import load_file
+
     make(tmp_path / "run", "trainer.ema_decay=0.5").fit()
-    ema = (tmp_path / "run" / "model_ema" / "model.safetensors").read_bytes()
+    ema = load_file(tmp_path / "run" / "model_ema" / "model.safetensors")
     shutil.rmtree(tmp_path / "run" / "model")
     shutil.rmtree(tmp_path / "run" / "model_ema")
     make(tmp_path / "run", "trainer.ema_decay=0.5", "trainer.checkpoint.resume=latest").fit()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "model_ema" / "model.safetensors").read_bytes() == ema  # the checkpoint's average
+    again = load_file(tmp_path / "run" / "model_ema" / "model.safetensors")
+    assert again.keys() == ema.keys() and all(torch.equal(again[k], ema[k]) for k in ema)  # the checkpoint's average
+
+
+def test_a_data_position_the_loader_refuses_is_a_config_error_naming_the_checkpoint(tmp_path, monkeypatch):
+    from fixed_task import FixedBatches
+
+    from vlkit.config import ConfigError
+
+    make(tmp_path / "run", "trainer.max_steps=2").fit()
+
+    def refuse(self, state):
+        raise ValueError("cannot resume the data position: saved version=1, this loader has 2")
+
+    monkeypatch.setattr(FixedBatches, "load_state_dict", refuse)
+    trainer = make(tmp_path / "run", "trainer.checkpoint.resume=latest")
+    with pytest.raises(ConfigError, match=r"step_00000002: cannot resume the data position: saved version=1.*"
+                                          r"weights_only=true"):  # fmt: skip
+        trainer.fit()
 
 
 def test_quiet_prints_nothing_and_warmup_longer_than_the_run_warns(tmp_path, capsys):

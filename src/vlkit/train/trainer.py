@@ -217,11 +217,15 @@ class Trainer:
         if "data" in state and hasattr(self.loader, "load_state_dict"):
             positions = state["data"]
             if len(positions) != self.dist.world_size:
-                raise ValueError(
-                    f"the checkpoint holds data positions for {len(positions)} ranks, this run has "
+                raise ConfigError(
+                    f"{plan.path}: the checkpoint holds data positions for {len(positions)} ranks, this run has "
                     f"{self.dist.world_size}: resume with the same number of processes"
                 )
-            self.loader.load_state_dict(positions[self.dist.rank])
+            try:
+                self.loader.load_state_dict(positions[self.dist.rank])
+            except ValueError as e:  # another seed, dataset, batch size or loader version: the order would differ
+                raise ConfigError(f"{plan.path}: {e}; resume with the data settings it was saved with, or start a "
+                                  "new run from its weights (trainer.checkpoint.weights_only=true)") from None  # fmt: skip
         task_state = dict(state.get("task", {}))
         # The average is the trainer's own entry; checkpoints of earlier versions kept it in the classify task's state.
         ema_state = state.get("ema", task_state.pop("ema", None))
