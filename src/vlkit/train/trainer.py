@@ -224,8 +224,10 @@ class Trainer:
             try:
                 self.loader.load_state_dict(positions[self.dist.rank])
             except ValueError as e:  # another seed, dataset, batch size or loader version: the order would differ
-                raise ConfigError(f"{plan.path}: {e}; resume with the data settings it was saved with, or start a "
-                                  "new run from its weights (trainer.checkpoint.weights_only=true)") from None  # fmt: skip
+                raise ConfigError(
+                    f"{plan.path}: {e}; resume with the data settings it was saved with, or start "
+                    "a new run from its weights (trainer.checkpoint.weights_only=true)"
+                ) from None
         task_state = dict(state.get("task", {}))
         # The average is the trainer's own entry; checkpoints of earlier versions kept it in the classify task's state.
         ema_state = state.get("ema", task_state.pop("ema", None))
