@@ -557,7 +557,8 @@ class Trainer:
             if self.cfg.trainer.save_model and not (model_path / "config.json").is_file():
                 self.export_model()  # collective: every rank takes this branch alike (the step is the checkpoint's)
             decay = self.cfg.trainer.ema_decay
-            if decay is not None and self._ema_state is not None and not (self.out_dir / EMA_MODEL_DIR).is_dir():
+            ema_path = self.out_dir / EMA_MODEL_DIR
+            if decay is not None and self._ema_state is not None and not (ema_path / "config.json").is_file():
                 self.ema = ModelEma(self.model, decay)  # the checkpoint's average, exported as the last step does
                 self.ema.load_state_dict(self._ema_state)
                 self._ema_state = None
