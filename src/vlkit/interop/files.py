@@ -25,6 +25,7 @@ from torch import nn
 from vlkit import __version__
 from vlkit.interop.checkpoint_files import MODEL_FILE, CheckpointError, SafetensorsHeader, read_safetensors_header
 from vlkit.models.factory import create_model, model_config_dict
+from vlkit.nn import RotaryEmbedding
 from vlkit.utils.errors import UserError
 from vlkit.utils.fs import fsync_dir
 
@@ -320,3 +321,19 @@ def with_overrides(model: nn.Module, device: str | torch.device = "cpu", **overr
     fit_pos_embed(state, new, vision_grid(model))
     load_weights(new, state, f"{type(model).__name__} with overrides {overrides}")
     return new
+
+
+def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+    """Load ``state`` into a model built on the meta device, taking the tensors as they are (no second copy, no
+    random init of billions of weights first); tied weights are tied again and RoPE buffers computed on ``device``."""
+    ties: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(p), []).append(name)
+    model.load_state_dict({k: t.to(device) for k, t in state.items()}, strict=True, assign=True)
+    for first, *aliases in ties.values():
+        for alias in aliases:
+            owner, _, leaf = alias.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters(device)

@@ -22,6 +22,7 @@ from vlkit.interop.files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     ModelFormatError,
+    assign_state_dict,
     atomic_write_dir,
     check_before_loading,
     declared_tensors,
@@ -29,7 +30,6 @@ from vlkit.interop.files import (
 )
 from vlkit.models.factory import create_model
 from vlkit.models.llama import LlamaDecoder, LlamaForCausalLM
-from vlkit.nn import RotaryEmbedding
 from vlkit.nn.attention import fuse_qkv, unfuse_qkv
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -291,22 +291,6 @@ def read_safetensors_dir(path: str | Path, declared_only: bool = False) -> dict[
             for key in keys if keys is not None else declared:
                 tensors[key] = f.get_tensor(key)
     return tensors
-
-
-def assign_state_dict(model: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-    """Load ``state`` into a model built on the meta device, taking the tensors as they are (no second copy, no
-    random init of billions of weights first); tied weights are tied again and RoPE buffers computed on ``device``."""
-    ties: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        ties.setdefault(id(p), []).append(name)
-    model.load_state_dict({k: t.to(device) for k, t in state.items()}, strict=True, assign=True)
-    for first, *aliases in ties.values():
-        for alias in aliases:
-            owner, _, leaf = alias.rpartition(".")
-            setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.reset_parameters(device)
 
 
 def load_hf_llama(

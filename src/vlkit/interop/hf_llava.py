@@ -187,8 +187,9 @@ def load_hf_llava(
     Raises:
         ModelFormatError: not a LLaVA vlkit can represent, or weights that do not match its config.
     """
+    from vlkit.interop.files import assign_state_dict
     from vlkit.interop.hf import PREPROCESSOR_FILE
-    from vlkit.interop.hf_llama import assign_state_dict, check_shapes, read_safetensors_dir
+    from vlkit.interop.hf_llama import check_shapes, read_safetensors_dir
 
     path = Path(path)
     config_file = path / CONFIG_FILE

@@ -45,7 +45,7 @@ def _full_state(inner: nn.Module) -> dict[str, torch.Tensor]:
 def plain_model(config, state: dict[str, torch.Tensor]) -> nn.Module:
     """The model of ``config`` (its LoRA section dropped) holding ``state`` (already merged), each tensor in its own
     dtype: a bf16 base stays bf16 (not written as fp32, twice the size, after its merge was rounded to bf16)."""
-    from vlkit.interop.hf_llama import assign_state_dict
+    from vlkit.interop.files import assign_state_dict
     from vlkit.models.factory import create_model
 
     model = create_model(plain_config(config), device="meta")

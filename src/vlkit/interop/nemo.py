@@ -513,7 +513,8 @@ def load_nemo(path: str | Path, *, device: torch.device | str = "cpu", dtype: to
         ModelFormatError: not a ``.nemo``, a layout or architecture vlkit cannot read, or a file it refuses to
             unpickle (the message names the file).
     """
-    from vlkit.interop.hf_llama import assign_state_dict, check_shapes
+    from vlkit.interop.files import assign_state_dict
+    from vlkit.interop.hf_llama import check_shapes
 
     archive = NemoArchive(path)
     try:

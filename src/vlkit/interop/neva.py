@@ -135,7 +135,7 @@ def build_neva_model(
         FileNotFoundError: a named checkpoint is missing.
         ModelFormatError / ValueError: a checkpoint that does not fit (the message names the key and the path).
     """
-    from vlkit.interop.hf_llama import assign_state_dict
+    from vlkit.interop.files import assign_state_dict
 
     cfg = resolve_model_config(cfg)
     mm = cfg.mm_cfg or MMConfig()

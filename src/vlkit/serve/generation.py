@@ -296,7 +296,10 @@ class GenerationEngine:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join()
-        error = EngineClosed("the generation engine was shut down")
+        self._end_all(EngineClosed("the generation engine was shut down"))
+
+    def _end_all(self, error: Exception) -> None:
+        """End every waiting and running request with ``error`` and empty the batch (the loop is not running)."""
         for request in [*self._waiting, *(row.request for row in self._rows)]:
             request.stream._put(error)
         self._waiting.clear()
@@ -382,10 +385,7 @@ class GenerationEngine:
             with self._wake:
                 died, self._closed = not self._closed, True
             if died:
-                error = EngineClosed("the generation engine stopped after an internal error (see the server log)")
-                for request in [*self._waiting, *(row.request for row in self._rows)]:
-                    request.stream._put(error)
-                self._waiting.clear()
+                self._end_all(EngineClosed("the generation engine stopped on an internal error (see the server log)"))
 
     def _serve(self) -> None:
         from vlkit.eval.runtime import autocast, register_forward_methods

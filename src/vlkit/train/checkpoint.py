@@ -72,11 +72,8 @@ from vlkit.interop.checkpoint_files import (
     single_process_dcp_ok,
     tensor_only_planner,
 )
-from vlkit.interop.files import CONFIG_FILE, atomic_write_dir, clean_state_dict
+from vlkit.interop.files import CONFIG_FILE, atomic_write_dir, clean_state_dict, dedupe
 from vlkit.interop.files import FORMAT as MODEL_FORMAT
-
-# public in interop.files; aliased so that this file (being split elsewhere) changes in its imports only
-from vlkit.interop.files import dedupe as _dedupe
 from vlkit.train.rng import capture_rng_state, restore_rng_state
 from vlkit.utils.fs import write_synced, write_text_durably
 from vlkit.utils.modules import is_sharded, unwrap
@@ -100,7 +97,7 @@ def _rng_file(rank: int) -> str:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    unique, aliases = _dedupe(tensors)
+    unique, aliases = dedupe(tensors)
     save_file(unique, str(file), metadata={"format": "pt", "aliases": json.dumps(aliases)})
 
 
