@@ -281,3 +281,10 @@ def test_specification_documents_blocks_load(tmp_path, seed, base):
         first_key = block.split(":", 1)[0].strip()
         section = None if first_key == "model" else "model"
         load_config(write_config(tmp_path, base, section, block))
+
+
+def test_a_directory_given_as_the_config_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config: give a preset name"):
+        load_config(str(tmp_path))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "missing.yaml"))

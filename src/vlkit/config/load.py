@@ -33,6 +33,8 @@ def list_presets() -> list[str]:
 def _read_yaml(name_or_path: str | Path) -> tuple[dict, str]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a config: give a preset name (see --list) or a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
